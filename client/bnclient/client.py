@@ -1,0 +1,210 @@
+"""The `Client`: one gRPC channel to a bnserver, shared by module proxies and threads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bnclient import errors
+from bnclient.modules import BatchNorm, BatchNorm1d, BatchNorm2d
+from bnservice.v1 import bnservice_pb2 as pb
+from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
+
+#: gRPC cannot carry a message of 2 GiB or more.
+MAX_MESSAGE_BYTES = (2 << 30) - 1
+
+_KIND_NAMES = {
+    pb.MODULE_KIND_BATCH_NORM_1D: "BatchNorm1d",
+    pb.MODULE_KIND_BATCH_NORM_2D: "BatchNorm2d",
+    pb.MODULE_KIND_SYNC_BATCH_NORM: "SyncBatchNorm",
+}
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A module as listed by the server."""
+
+    name: str
+    kind: str  # "BatchNorm1d", "BatchNorm2d" or "SyncBatchNorm"
+    num_features: int
+    eps: float
+    momentum: float
+    affine: bool
+    track_running_stats: bool
+    freeze: bool
+    training: bool
+    rank: int = 0
+
+    @classmethod
+    def from_pb(cls, msg: pb.ModuleInfo) -> ModuleInfo:
+        c = msg.config
+        return cls(
+            name=msg.ref.name,
+            kind=_KIND_NAMES.get(c.kind, "unknown"),
+            num_features=c.num_features,
+            eps=c.eps,
+            momentum=c.momentum,
+            affine=c.affine,
+            track_running_stats=c.track_running_stats,
+            freeze=c.freeze,
+            training=msg.training,
+            rank=msg.ref.rank,
+        )
+
+
+class Client:
+    """A connection to a bnserver. Thread-safe; use as a context manager or call close().
+
+    target: "host:port" of the server.
+    token: bearer token sent with every call (servers started with --auth-file).
+    root_certificates: PEM bytes of the CA that signed the server's TLS
+        certificate; gives a TLS channel.
+    timeout: seconds each call may take (None: no deadline).
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        opts = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *options,
+        ]
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._stub = pb_grpc.BatchNormServiceStub(self._channel)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    # -- modules ------------------------------------------------------------
+
+    def batch_norm_1d(
+        self,
+        name: str,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        freeze: bool = False,
+    ) -> BatchNorm1d:
+        """Get or create the BatchNorm1d `name` ((N, C) or (N, C, L) input)."""
+        config = _config(
+            pb.MODULE_KIND_BATCH_NORM_1D,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            freeze,
+        )
+        return BatchNorm1d(self, self._create(name, 0, config))
+
+    def batch_norm_2d(
+        self,
+        name: str,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        freeze: bool = False,
+    ) -> BatchNorm2d:
+        """Get or create the BatchNorm2d `name` ((N, C, H, W) input)."""
+        config = _config(
+            pb.MODULE_KIND_BATCH_NORM_2D,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            freeze,
+        )
+        return BatchNorm2d(self, self._create(name, 0, config))
+
+    def list_modules(self) -> list[ModuleInfo]:
+        reply = self._call("ListModules", pb.ListModulesRequest())
+        return [ModuleInfo.from_pb(m) for m in reply.modules]
+
+    def delete_module(self, name: str, rank: int = 0) -> None:
+        """Delete module `name` (for a SyncBatchNorm rank sharing a name, pass its rank)."""
+        self._call("DeleteModule", pb.DeleteModuleRequest(ref=pb.ModuleRef(name=name, rank=rank)))
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _create(self, name: str, rank: int, config: pb.ModuleConfig) -> pb.ModuleInfo:
+        request = pb.CreateModuleRequest(ref=pb.ModuleRef(name=name, rank=rank), config=config)
+        reply: pb.ModuleInfo = self._call("CreateModule", request)
+        return reply
+
+    def _call(self, method: str, request: Any) -> Any:
+        """Invoke a unary RPC; failures raise the typed ServiceError for their status."""
+        try:
+            return getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+
+
+def _config(
+    kind: pb.ModuleKind.ValueType,
+    num_features: int,
+    eps: float,
+    momentum: float,
+    affine: bool,
+    track_running_stats: bool,
+    freeze: bool,
+) -> pb.ModuleConfig:
+    if isinstance(num_features, bool) or not isinstance(num_features, int | np.integer):
+        raise errors.InvalidArgumentError(
+            f"num_features must be an int, got {type(num_features).__name__}"
+        )
+    return pb.ModuleConfig(
+        kind=kind,
+        num_features=int(num_features),
+        eps=float(eps),
+        momentum=float(momentum),
+        affine=bool(affine),
+        track_running_stats=bool(track_running_stats),
+        freeze=bool(freeze),
+    )
+
+
+__all__ = ["BatchNorm", "Client", "ModuleInfo"]

@@ -1,0 +1,1 @@
+"""Generated protocol modules for bnservice.v1 (see scripts/gen_protos.py)."""

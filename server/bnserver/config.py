@@ -1,0 +1,101 @@
+"""Module configuration: MegEngine's constructor arguments, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from bnserver.errors import InvalidArgument
+
+
+class Kind(Enum):
+    """Which module class a config builds; fixes the accepted input ranks."""
+
+    BATCH_NORM_1D = "BatchNorm1d"
+    BATCH_NORM_2D = "BatchNorm2d"
+    SYNC_BATCH_NORM = "SyncBatchNorm"
+
+    @property
+    def input_ndims(self) -> tuple[int, ...]:
+        return _INPUT_NDIMS[self]
+
+
+_INPUT_NDIMS = {
+    Kind.BATCH_NORM_1D: (2, 3),
+    Kind.BATCH_NORM_2D: (4,),
+    Kind.SYNC_BATCH_NORM: (2, 3, 4),
+}
+
+#: Largest num_features accepted (state is 4 float32 vectors of this length).
+MAX_NUM_FEATURES = 1 << 20
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """A SyncBatchNorm rank's place in its group."""
+
+    group: str
+    rank: int
+    world_size: int
+    eps_mode: str = "additive"  # or "max": max(var, eps) instead of var + eps
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """Construction arguments of a BatchNorm module (MegEngine's names and defaults).
+
+    momentum follows MegEngine: running = momentum * running + (1 - momentum) * batch,
+    so 0.9 here is PyTorch's 0.1.
+    """
+
+    kind: Kind
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.9
+    affine: bool = True
+    track_running_stats: bool = True
+    freeze: bool = False
+    sync: SyncSpec | None = None
+
+    def validate(self) -> ModuleConfig:
+        """Return self, or raise InvalidArgument naming the first bad field."""
+        if not 0 < self.num_features <= MAX_NUM_FEATURES:
+            raise InvalidArgument(
+                f"num_features must be in 1..{MAX_NUM_FEATURES}, got {self.num_features}"
+            )
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise InvalidArgument(f"eps must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum <= 1):
+            raise InvalidArgument(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.freeze and not self.track_running_stats:
+            raise InvalidArgument(
+                "freeze=True needs track_running_stats=True (it normalizes with the running stats)"
+            )
+        if (self.kind is Kind.SYNC_BATCH_NORM) != (self.sync is not None):
+            raise InvalidArgument("group, rank and world_size are given exactly for SyncBatchNorm")
+        if self.sync is not None:
+            s = self.sync
+            if not s.group:
+                raise InvalidArgument("a SyncBatchNorm needs a non-empty group name")
+            if s.world_size < 1:
+                raise InvalidArgument(f"world_size must be >= 1, got {s.world_size}")
+            if not 0 <= s.rank < s.world_size:
+                raise InvalidArgument(f"rank must be in 0..{s.world_size - 1}, got {s.rank}")
+            if s.eps_mode not in ("additive", "max"):
+                raise InvalidArgument(f"eps_mode must be 'additive' or 'max', got {s.eps_mode!r}")
+        return self
+
+    def describe(self) -> str:
+        """MegEngine-style summary, e.g. 'BatchNorm2d(64, eps=1e-05, momentum=0.9, ...)'."""
+        text = (
+            f"{self.kind.value}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"freeze={self.freeze}"
+        )
+        if self.sync is not None:
+            text += (
+                f", group={self.sync.group!r}, rank={self.sync.rank}, "
+                f"world_size={self.sync.world_size}, eps_mode={self.sync.eps_mode!r}"
+            )
+        return text + ")"

@@ -1,0 +1,104 @@
+"""The server's domain facade: what each RPC does, in plain Python and numpy.
+
+`bnserver.service` decodes a request, calls one method here and encodes the
+result; nothing here sees protobuf or gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnserver.config import ModuleConfig
+from bnserver.errors import InvalidArgument, ServiceError
+from bnserver.handles import BackwardStore
+from bnserver.modules import BatchNorm, Gradients
+from bnserver.registry import ModuleKey, Registry
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    key: ModuleKey
+    config: ModuleConfig
+    training: bool
+
+
+def _info(key: ModuleKey, module: BatchNorm) -> ModuleInfo:
+    return ModuleInfo(key, module.config, module.training)
+
+
+class Engine:
+    """Modules of one server plus the backward handles they hand out."""
+
+    def __init__(self, registry: Registry | None = None, handles: BackwardStore | None = None):
+        self.registry = registry if registry is not None else Registry()
+        self.handles = handles if handles is not None else BackwardStore()
+
+    def create(self, key: ModuleKey, config: ModuleConfig) -> ModuleInfo:
+        """Get-or-create `key` with `config`."""
+        expected = self.registry.key_for(key.name, config)
+        if expected != key:
+            raise InvalidArgument(
+                f"module rank {key.rank} does not match the config's rank {expected.rank}"
+            )
+        module, _ = self.registry.get_or_create(key, config)
+        return _info(key, module)
+
+    def get(self, key: ModuleKey) -> ModuleInfo:
+        return _info(key, self.registry.get(key))
+
+    def list(self) -> list[ModuleInfo]:
+        return [_info(k, m) for k, m in self.registry.items()]
+
+    def delete(self, key: ModuleKey) -> None:
+        self.handles.drop_module(self.registry.delete(key))
+
+    def forward(
+        self, key: ModuleKey, x: np.ndarray, keep_for_backward: bool = False
+    ) -> tuple[np.ndarray, str]:
+        """Run the module on `x`; return the output and a backward handle ('' unless kept)."""
+        module = self.registry.get(key)
+        module.check_input(x)
+        if keep_for_backward:
+            self.handles.check_fits(x.nbytes)
+        y, saved = module.forward(x, keep_for_backward)
+        handle = self.handles.put(saved) if saved is not None else ""
+        return y, handle
+
+    def backward(self, key: ModuleKey, handle: str, grad_out: np.ndarray) -> Gradients:
+        """Gradients for a kept forward; the handle is spent only if backward succeeds."""
+        module = self.registry.get(key)
+        saved = self.handles.take(handle, module)
+        try:
+            return module.backward(saved, grad_out)
+        except ServiceError:
+            # A rejected backward (say, a malformed grad_output) must not cost the handle.
+            self.handles.put_back(handle, saved)
+            raise
+
+    def set_training(self, key: ModuleKey, training: bool) -> ModuleInfo:
+        module = self.registry.get(key)
+        module.set_training(training)
+        return _info(key, module)
+
+    def state(self, key: ModuleKey) -> dict[str, np.ndarray]:
+        return self.registry.get(key).state_dict()
+
+    def load_state(
+        self, key: ModuleKey, state: Mapping[str, np.ndarray], strict: bool = True
+    ) -> ModuleInfo:
+        module = self.registry.get(key)
+        module.load_state_dict(state, strict)
+        return _info(key, module)
+
+    def reset_running_stats(self, key: ModuleKey) -> ModuleInfo:
+        module = self.registry.get(key)
+        module.reset_running_stats()
+        return _info(key, module)
+
+    def reset_parameters(self, key: ModuleKey) -> ModuleInfo:
+        module = self.registry.get(key)
+        module.reset_parameters()
+        return _info(key, module)

@@ -1,0 +1,43 @@
+"""Domain errors of the server side.
+
+The kernel and module layers raise these; `bnserver.service` maps each class to
+a gRPC status code in one table (DESIGN.md section 5). They know nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a request can fail with; the message goes to the client."""
+
+
+class InvalidArgument(ServiceError, ValueError):
+    """Bad shape, dtype, channel count, config, n=1 batch, non-finite batch or tensor."""
+
+
+class NotFound(ServiceError, LookupError):
+    """Unknown module or backward handle (including another tenant's module)."""
+
+
+class AlreadyExists(ServiceError):
+    """Create with a config that differs from the existing module of that name."""
+
+
+class ResourceExhausted(ServiceError):
+    """Over a size or count limit."""
+
+
+class DeadlineExceeded(ServiceError):
+    """A sync peer did not arrive before the deadline."""
+
+
+class Aborted(ServiceError):
+    """A sync round was abandoned."""
+
+
+class Unauthenticated(ServiceError):
+    """No or wrong credentials."""
+
+
+class Unavailable(ServiceError):
+    """A dependency (the coordinator) cannot be reached."""
