@@ -1,0 +1,104 @@
+"""Real `bnserver` processes for integration tests: start on port 0, wait for health, stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class ServerProcess:
+    """A `bnserver <command>` child process bound to a free port on 127.0.0.1."""
+
+    def __init__(self, args: Sequence[str], *, startup_timeout: float = 30.0) -> None:
+        self.args = [sys.executable, "-m", "bnserver.cli", *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.stderr_lines: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.port = self._read_port(startup_timeout)
+        self.address = f"127.0.0.1:{self.port}"
+        wait_serving(self.address, startup_timeout)
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def _read_port(self, timeout: float) -> int:
+        assert self.proc.stdout is not None
+        found: list[int] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                match = _LISTENING.search(line)
+                if match:
+                    found.append(int(match.group(2)))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            self.kill()
+            raise RuntimeError(f"{self.args} did not start:\n{self.stderr}")
+        return found[0]
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def wait_serving(address: str, timeout: float = 30.0) -> None:
+    """Poll the standard health service until it answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout} s")
+            time.sleep(0.05)
+
+
+def start_server(state_dir: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(["serve", "--port", "0", "--state-dir", str(state_dir), *extra])
