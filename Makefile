@@ -25,7 +25,7 @@ test: $(STAMP)
 check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy proto/bnservice/wire.py server/bnserver client/bnclient scripts bench tests
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -37,3 +37,9 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+## Benchmarks: ratios against peers measured in the same run (installs torch for the peer).
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.kernel
+	$(BIN)/python -m bench.roundtrip

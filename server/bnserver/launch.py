@@ -1,4 +1,7 @@
-"""Real `bnserver` processes for integration tests: start on port 0, wait for health, stop."""
+"""Starting `bnserver` child processes: bind port 0, read the port, wait for health, stop.
+
+Used by `bnserver up`, the integration tests and the benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -100,5 +103,5 @@ def wait_serving(address: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def start_server(state_dir: Path, *extra: str) -> ServerProcess:
+def start_server(state_dir: Path | str, *extra: str) -> ServerProcess:
     return ServerProcess(["serve", "--port", "0", "--state-dir", str(state_dir), *extra])
