@@ -19,7 +19,7 @@ from bnclient.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from bnclient.modules import VJP, BatchNorm, BatchNorm1d, BatchNorm2d
+from bnclient.modules import VJP, BatchNorm, BatchNorm1d, BatchNorm2d, SyncBatchNorm
 
 __all__ = [
     "VJP",
@@ -36,6 +36,7 @@ __all__ = [
     "NotFoundError",
     "ResourceExhaustedError",
     "ServiceError",
+    "SyncBatchNorm",
     "UnauthenticatedError",
     "UnavailableError",
 ]

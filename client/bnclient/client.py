@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from bnclient import errors
-from bnclient.modules import BatchNorm, BatchNorm1d, BatchNorm2d
+from bnclient.modules import BatchNorm, BatchNorm1d, BatchNorm2d, SyncBatchNorm
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
@@ -39,6 +39,8 @@ class ModuleInfo:
     freeze: bool
     training: bool
     rank: int = 0
+    group: str = ""
+    world_size: int = 0
 
     @classmethod
     def from_pb(cls, msg: pb.ModuleInfo) -> ModuleInfo:
@@ -54,6 +56,8 @@ class ModuleInfo:
             freeze=c.freeze,
             training=msg.training,
             rank=msg.ref.rank,
+            group=c.sync.group,
+            world_size=c.sync.world_size,
         )
 
 
@@ -157,6 +161,49 @@ class Client:
             freeze,
         )
         return BatchNorm2d(self, self._create(name, 0, config))
+
+    def sync_batch_norm(
+        self,
+        name: str,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        freeze: bool = False,
+        *,
+        group: str,
+        rank: int,
+        world_size: int,
+        eps_mode: str = "additive",
+    ) -> SyncBatchNorm:
+        """Get or create rank `rank` of SyncBatchNorm `name` in `group` ((N, C), (N, C, L)
+        or (N, C, H, W) input).
+
+        Every rank of the group calls this with the same name and config; the
+        ranks may sit on one server or several. eps_mode "max" normalizes with
+        max(var, eps) instead of var + eps.
+        """
+        config = _config(
+            pb.MODULE_KIND_SYNC_BATCH_NORM,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            freeze,
+        )
+        modes = {"additive": pb.EPS_MODE_ADDITIVE, "max": pb.EPS_MODE_MAX}
+        if eps_mode not in modes:
+            raise errors.InvalidArgumentError(
+                f"eps_mode must be 'additive' or 'max', got {eps_mode!r}"
+            )
+        config.sync.CopyFrom(
+            pb.SyncConfig(
+                group=group, rank=int(rank), world_size=int(world_size), eps_mode=modes[eps_mode]
+            )
+        )
+        return SyncBatchNorm(self, self._create(name, int(rank), config))
 
     def list_modules(self) -> list[ModuleInfo]:
         reply = self._call("ListModules", pb.ListModulesRequest())

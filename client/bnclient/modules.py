@@ -162,6 +162,35 @@ class BatchNorm2d(BatchNorm):
     """BatchNorm over (N, C, H, W) input."""
 
 
+class SyncBatchNorm(BatchNorm):
+    """One rank of a SyncBatchNorm group: batch statistics span every rank's batch.
+
+    In training (or with track_running_stats=False) each call waits for the
+    other ranks' calls of the same step; eval with running statistics and
+    freeze=True run alone.
+    """
+
+    def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
+        super().__init__(client, info)
+        s = info.config.sync
+        self.group: str = s.group
+        self.rank: int = s.rank
+        self.world_size: int = s.world_size
+        self.eps_mode: str = "max" if s.eps_mode == pb.EPS_MODE_MAX else "additive"
+
+    def __repr__(self) -> str:
+        return (
+            super()
+            .__repr__()
+            .replace(
+                ") on ",
+                f", group={self.group!r}, rank={self.rank}, "
+                f"world_size={self.world_size}, eps_mode={self.eps_mode!r}) on ",
+                1,
+            )
+        )
+
+
 class VJP:
     """The backward of one `BatchNorm.vjp` forward; call it once with dy."""
 

@@ -1,4 +1,10 @@
-"""The `bnserver` command line (DESIGN.md section 8)."""
+"""The `bnserver` command line (DESIGN.md sections 6 and 8).
+
+bnserver serve [--host H] [--port P] [--state-dir DIR] [--coordinator HOST:PORT]
+bnserver coordinator [--host H] [--port P]
+bnserver up [--servers N]
+bnserver health [--address HOST:PORT]
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,15 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from grpc_health.v1 import health
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bnserver.coordinator import Coordinator
+from bnserver.coordinator_service import RemoteCoordinator
 from bnserver.engine import Engine
 from bnserver.handles import BackwardStore
 from bnserver.persistence import StateDir
@@ -21,11 +31,13 @@ log = logging.getLogger("bnserver")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
+DEFAULT_COORDINATOR_PORT = 50050
 DEFAULT_STATE_DIR = Path("bnserver-state")
+DEFAULT_SYNC_TIMEOUT = 30.0
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT (Ctrl-C)."""
+def _stop_event() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (Ctrl-C)."""
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -34,27 +46,106 @@ def _wait_for_signal() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _run_until_signal(
+    server: grpc.Server, health_servicer: health.HealthServicer, address: str, grace: float
+) -> None:
+    """Start `server`, announce it, and on SIGTERM/SIGINT drain calls for up to `grace` s."""
+    stop = _stop_event()
+    server.start()
+    # `bnserver up`, the tests and the benchmarks read this line for the port.
+    print(f"bnserver listening on {address}", flush=True)
     stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=grace).wait()
 
 
 def serve(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
-    engine = Engine(handles=BackwardStore(args.max_backward_handles, args.max_backward_bytes))
+    coordinator = None
+    if args.coordinator:
+        reducer: Coordinator | RemoteCoordinator = RemoteCoordinator(
+            args.coordinator, args.sync_timeout
+        )
+    else:
+        reducer = coordinator = Coordinator(args.sync_timeout)
+    engine = Engine(BackwardStore(args.max_backward_handles, args.max_backward_bytes), reducer)
     restored = state.load_into(engine.registry)
     health_servicer = health.HealthServicer()
     server, port = create_server(
-        f"{args.host}:{args.port}", engine, health_servicer=health_servicer
+        f"{args.host}:{args.port}",
+        engine,
+        coordinator,
+        max_workers=args.max_workers,
+        health_servicer=health_servicer,
     )
-    server.start()
-    log.info("restored %d module(s) from %s", restored, args.state_dir)
-    # Tests and `bnserver up` read this line to learn the bound port.
-    print(f"bnserver listening on {args.host}:{port}", flush=True)
-    _wait_for_signal()
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=args.grace).wait()
+    where = f"coordinator {args.coordinator}" if args.coordinator else "embedded coordinator"
+    log.info("restored %d module(s) from %s; %s", restored, args.state_dir, where)
+    _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
     saved = state.save_all(engine.registry)
     log.info("saved %d module(s) to %s; bye", saved, args.state_dir)
     return 0
+
+
+def coordinator(args: argparse.Namespace) -> int:
+    health_servicer = health.HealthServicer()
+    server, port = create_server(
+        f"{args.host}:{args.port}",
+        coordinator=Coordinator(args.sync_timeout),
+        max_workers=args.max_workers,
+        health_servicer=health_servicer,
+    )
+    _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
+    log.info("coordinator stopped")
+    return 0
+
+
+def up(args: argparse.Namespace) -> int:
+    from bnserver.local_cluster import run_cluster
+
+    return run_cluster(
+        servers=args.servers,
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        sync_timeout=args.sync_timeout,
+        stop=_stop_event(),
+    )
+
+
+def check_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the service at --address answers SERVING (for container health checks)."""
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as err:
+            print(f"{args.address}: {err.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _add_common(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 picks one)")
+    p.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=DEFAULT_SYNC_TIMEOUT,
+        help="seconds a SyncBatchNorm round waits for all ranks (default 30)",
+    )
+
+
+def _add_server_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-workers", type=int, default=64, help="gRPC worker threads (default 64)")
+    p.add_argument(
+        "--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,23 +153,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run a server (with an embedded coordinator)")
-    s.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one")
+    s = sub.add_parser("serve", help="run a server (with an embedded coordinator by default)")
+    _add_common(s, DEFAULT_PORT)
     s.add_argument(
         "--state-dir",
         type=Path,
         default=DEFAULT_STATE_DIR,
         help=f"where module state is kept (default ./{DEFAULT_STATE_DIR})",
     )
+    s.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="use this coordinator instead of the embedded one",
+    )
     s.add_argument("--max-backward-handles", type=int, default=64, help="backward handles held")
     s.add_argument(
         "--max-backward-bytes", type=int, default=2 << 30, help="bytes held for backward"
     )
-    s.add_argument(
-        "--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown"
-    )
+    _add_server_limits(s)
     s.set_defaults(func=serve)
+
+    c = sub.add_parser("coordinator", help="run a coordinator alone")
+    _add_common(c, DEFAULT_COORDINATOR_PORT)
+    _add_server_limits(c)
+    c.set_defaults(func=coordinator)
+
+    u = sub.add_parser(
+        "up", help="a coordinator and N servers as local processes on consecutive ports"
+    )
+    u.add_argument("--servers", type=int, default=2, help="number of servers (default 2)")
+    _add_common(u, DEFAULT_COORDINATOR_PORT)
+    u.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="servers keep state in DIR/server-1, DIR/server-2, ...",
+    )
+    u.set_defaults(func=up)
+
+    h = sub.add_parser("health", help="check a server's or coordinator's gRPC health")
+    h.add_argument("--address", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}")
+    h.add_argument("--service", default="", help="service name (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0)
+    h.set_defaults(func=check_health)
     return parser
 
 
@@ -89,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args))
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
 
 
 if __name__ == "__main__":

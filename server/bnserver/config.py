@@ -86,6 +86,16 @@ class ModuleConfig:
                 raise InvalidArgument(f"eps_mode must be 'additive' or 'max', got {s.eps_mode!r}")
         return self
 
+    def group_signature(self) -> str:
+        """What every rank of a sync group must agree on: the config without the rank."""
+        assert self.sync is not None
+        s = self.sync
+        return (
+            f"SyncBatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"freeze={self.freeze}, world_size={s.world_size}, eps_mode={s.eps_mode!r})"
+        )
+
     def describe(self) -> str:
         """MegEngine-style summary, e.g. 'BatchNorm2d(64, eps=1e-05, momentum=0.9, ...)'."""
         text = (

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnserver.config import ModuleConfig
+from bnserver.config import Kind, ModuleConfig
+from bnserver.coordinator import Coordinator
 from bnserver.errors import InvalidArgument, ServiceError
 from bnserver.handles import BackwardStore
 from bnserver.modules import BatchNorm, Gradients
 from bnserver.registry import ModuleKey, Registry
+from bnserver.sync import Reducer, SyncBatchNorm
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,25 @@ def _info(key: ModuleKey, module: BatchNorm) -> ModuleInfo:
 
 
 class Engine:
-    """Modules of one server plus the backward handles they hand out."""
+    """Modules of one server plus the backward handles they hand out.
 
-    def __init__(self, registry: Registry | None = None, handles: BackwardStore | None = None):
-        self.registry = registry if registry is not None else Registry()
+    reducer: where SyncBatchNorm modules merge statistics (default: an
+    in-process coordinator, the single-machine setup).
+    """
+
+    def __init__(
+        self,
+        handles: BackwardStore | None = None,
+        reducer: Reducer | None = None,
+    ) -> None:
+        self.reducer: Reducer = reducer if reducer is not None else Coordinator()
+        self.registry = Registry(self._build)
         self.handles = handles if handles is not None else BackwardStore()
+
+    def _build(self, key: ModuleKey, config: ModuleConfig) -> BatchNorm:
+        if config.kind is Kind.SYNC_BATCH_NORM:
+            return SyncBatchNorm(config, key.name, self.reducer)
+        return BatchNorm(config)
 
     def create(self, key: ModuleKey, config: ModuleConfig) -> ModuleInfo:
         """Get-or-create `key` with `config`."""
@@ -60,7 +76,6 @@ class Engine:
     ) -> tuple[np.ndarray, str]:
         """Run the module on `x`; return the output and a backward handle ('' unless kept)."""
         module = self.registry.get(key)
-        module.check_input(x)
         if keep_for_backward:
             self.handles.check_fits(x.nbytes)
         y, saved = module.forward(x, keep_for_backward)

@@ -24,17 +24,25 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 class ServerProcess:
     """A `bnserver <command>` child process bound to a free port on 127.0.0.1."""
 
-    def __init__(self, args: Sequence[str], *, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        startup_timeout: float = 30.0,
+        capture_stderr: bool = True,
+    ) -> None:
+        """Start `bnserver *args`; capture_stderr keeps its log in .stderr, else it is inherited."""
         self.args = [sys.executable, "-m", "bnserver.cli", *args]
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.PIPE if capture_stderr else None,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.stderr_lines: list[str] = []
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        if capture_stderr:
+            threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.port = self._read_port(startup_timeout)
         self.address = f"127.0.0.1:{self.port}"
         wait_serving(self.address, startup_timeout)
@@ -105,3 +113,7 @@ def wait_serving(address: str, timeout: float = 30.0) -> None:
 
 def start_server(state_dir: Path | str, *extra: str) -> ServerProcess:
     return ServerProcess(["serve", "--port", "0", "--state-dir", str(state_dir), *extra])
+
+
+def start_coordinator(*extra: str) -> ServerProcess:
+    return ServerProcess(["coordinator", "--port", "0", *extra])

@@ -96,6 +96,16 @@ class BatchNorm:
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise InvalidArgument(f"input dtype must be float16, float32 or float64, not {x.dtype}")
 
+    @staticmethod
+    def check_grad(saved: SavedForBackward, grad_out: np.ndarray) -> None:
+        """Raise InvalidArgument unless `grad_out` has the forward input's shape and dtype."""
+        x = saved.x
+        if grad_out.shape != x.shape or grad_out.dtype != x.dtype:
+            raise InvalidArgument(
+                f"grad_output must match the forward input: expected {x.dtype} {x.shape}, "
+                f"got {grad_out.dtype} {grad_out.shape}"
+            )
+
     def uses_batch_stats(self) -> bool:
         """Whether forward normalizes with batch statistics (else running ones)."""
         cfg = self.config
@@ -134,12 +144,8 @@ class BatchNorm:
 
     def backward(self, saved: SavedForBackward, grad_out: np.ndarray) -> Gradients:
         """Gradients of the forward that produced `saved`, for upstream gradient `grad_out`."""
+        self.check_grad(saved, grad_out)
         x = saved.x
-        if grad_out.shape != x.shape or grad_out.dtype != x.dtype:
-            raise InvalidArgument(
-                f"grad_output must match the forward input: expected {x.dtype} {x.shape}, "
-                f"got {grad_out.dtype} {grad_out.shape}"
-            )
         sum_dy, sum_dy_xhat = kernel.grad_sums(x, grad_out, saved.mean, saved.inv_std)
         batch_terms = None
         if saved.count is not None:
@@ -157,7 +163,7 @@ class BatchNorm:
 
     def _batch_moments(self, x: np.ndarray) -> kernel.Moments:
         """Statistics to normalize with: this batch's (a sync module merges ranks)."""
-        return _checked(kernel.moments(x))
+        return checked(kernel.moments(x))
 
     def _global_grad_sums(
         self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector
@@ -239,12 +245,12 @@ class BatchNorm:
             self.training = training
 
 
-def _checked(stats: kernel.Moments) -> kernel.Moments:
+def checked(stats: kernel.Moments) -> kernel.Moments:
     """Reject batch statistics that cannot normalize or would poison running stats."""
     if stats.count <= 1:
         raise InvalidArgument(
-            f"expected more than 1 value per channel when using batch statistics, "
-            f"got {stats.count} (batch of one without spatial extent)"
+            f"expected more than 1 value per channel when using batch statistics "
+            f"(over all ranks for a SyncBatchNorm), got {stats.count}"
         )
     bad = ~(np.isfinite(stats.mean) & np.isfinite(stats.m2))
     if bad.any():

@@ -101,24 +101,23 @@ class StateDir:
         loaded = 0
         for path in sorted(self.root.glob("module-*.npz")):
             try:
-                key, module = self._load(path)
+                key, config, state, training = self._load(path)
+                registry.restore(key, config, state, training)
             except Exception as exc:
                 aside = self.root / "corrupt"
                 aside.mkdir(exist_ok=True)
                 os.replace(path, aside / path.name)
                 log.error("state file %s is unreadable (%s); moved to %s", path, exc, aside)
                 continue
-            registry.restore(key, module)
             loaded += 1
         return loaded
 
     @staticmethod
-    def _load(path: Path) -> tuple[ModuleKey, BatchNorm]:
+    def _load(path: Path) -> tuple[ModuleKey, ModuleConfig, dict[str, np.ndarray], bool]:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["meta"].tobytes().decode())
             if meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown format version {meta.get('version')!r}")
-            module = BatchNorm(_config_from_json(meta["config"]))
-            module.load_state_dict({k: data[k] for k in STATE_KEYS if k in data.files})
-            module.set_training(bool(meta["training"]))
-            return ModuleKey(str(meta["name"]), int(meta["rank"])), module
+            key = ModuleKey(str(meta["name"]), int(meta["rank"]))
+            state = {k: data[k] for k in STATE_KEYS if k in data.files}
+            return key, _config_from_json(meta["config"]), state, bool(meta["training"])

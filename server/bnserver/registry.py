@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from bnserver.config import ModuleConfig
 from bnserver.errors import AlreadyExists, InvalidArgument, NotFound
@@ -35,12 +38,25 @@ def check_name(name: str) -> None:
         raise InvalidArgument("module name must contain printable characters only")
 
 
-class Registry:
-    """Named modules, keyed by ModuleKey. Thread-safe."""
+ModuleFactory = Callable[[ModuleKey, ModuleConfig], BatchNorm]
 
-    def __init__(self) -> None:
+
+def plain_modules(key: ModuleKey, config: ModuleConfig) -> BatchNorm:
+    """The default factory: modules that need no coordinator."""
+    return BatchNorm(config)
+
+
+class Registry:
+    """Named modules, keyed by ModuleKey. Thread-safe.
+
+    factory builds a module for a key and config (SyncBatchNorm needs its
+    name and a coordinator, which the engine supplies).
+    """
+
+    def __init__(self, factory: ModuleFactory = plain_modules) -> None:
         self._lock = threading.Lock()
         self._modules: dict[ModuleKey, BatchNorm] = {}
+        self.factory = factory
 
     def key_for(self, name: str, config: ModuleConfig) -> ModuleKey:
         """The key a module of `config` named `name` lives under."""
@@ -56,7 +72,7 @@ class Registry:
         with self._lock:
             module = self._modules.get(key)
             if module is None:
-                module = self._modules[key] = BatchNorm(config)
+                module = self._modules[key] = self.factory(key, config)
                 return module, True
         if module.config != config:
             raise AlreadyExists(
@@ -85,8 +101,17 @@ class Registry:
         with self._lock:
             return sorted(self._modules.items(), key=lambda kv: kv[0])
 
-    def restore(self, key: ModuleKey, module: BatchNorm) -> None:
-        """Put a module loaded from disk under `key` (start-up only)."""
+    def restore(
+        self,
+        key: ModuleKey,
+        config: ModuleConfig,
+        state: Mapping[str, np.ndarray],
+        training: bool,
+    ) -> None:
+        """Rebuild a module saved on disk under `key` (start-up only)."""
+        module = self.factory(key, config)
+        module.load_state_dict(state)
+        module.set_training(training)
         with self._lock:
             self._modules[key] = module
 

@@ -1,4 +1,4 @@
-"""Building the gRPC server: services, health, reflection, message limits."""
+"""Building gRPC servers: services, health, reflection, message limits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bnserver.coordinator import Coordinator
+from bnserver.coordinator_service import CoordinatorServicer
 from bnserver.engine import Engine
 from bnserver.service import BatchNormServicer
 from bnservice.v1 import bnservice_pb2 as pb
@@ -17,40 +19,47 @@ from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 #: or more, so this is the ceiling for a single unary call.
 MAX_MESSAGE_BYTES = (2 << 30) - 1
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BatchNormService"].full_name
-
-
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
+BATCH_NORM_SERVICE = pb.DESCRIPTOR.services_by_name["BatchNormService"].full_name
+COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
 
 def create_server(
     address: str = "127.0.0.1:0",
     engine: Engine | None = None,
+    coordinator: Coordinator | None = None,
     *,
-    max_workers: int = 16,
+    max_workers: int = 64,
     health_servicer: health.HealthServicer | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A not-yet-started server bound to `address`, and the port it bound (use port 0 for any).
+    """A not-yet-started server bound to `address`, and the port it bound (port 0: any).
 
-    Health (overall and per service) reports SERVING once the server is started.
+    Serves the BatchNorm service over `engine` and/or the coordinator service
+    over `coordinator`, plus health (SERVING once started) and reflection.
+    Each sync call waiting for its peers holds a worker thread, hence the
+    generous `max_workers`.
     """
+    if engine is None and coordinator is None:
+        raise ValueError("a server needs an engine, a coordinator or both")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
-        options=channel_options(),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
     )
-    pb_grpc.add_BatchNormServiceServicer_to_server(
-        BatchNormServicer(engine if engine is not None else Engine()), server
-    )
+    services = []
+    if engine is not None:
+        pb_grpc.add_BatchNormServiceServicer_to_server(BatchNormServicer(engine), server)
+        services.append(BATCH_NORM_SERVICE)
+    if coordinator is not None:
+        pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
+        services.append(COORDINATOR_SERVICE)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(address)
     if port == 0:

@@ -1,18 +1,12 @@
 """gRPC servicer for bnservice.v1.BatchNormService: decode, call the engine, encode.
 
-Domain errors become status codes here, in one table (DESIGN.md section 5).
+Domain errors become status codes through the one table in `bnserver.status`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
-
-from bnserver import errors
 from bnserver.engine import Engine
 from bnserver.protocol import (
     config_from_pb,
@@ -22,53 +16,10 @@ from bnserver.protocol import (
     state_from_pb,
     state_to_pb,
 )
+from bnserver.status import rpc
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
-
-#: The one mapping from domain errors to gRPC status codes.
-STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a failed call answers with."""
-    for cls in type(exc).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
-        if code is not None:
-            return code, str(exc)
-    if isinstance(exc, wire.WireError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def rpc(method: F) -> F:
-    """Wrap a servicer method so every exception ends the call with a mapped status."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            context.abort(code, message)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class BatchNormServicer(pb_grpc.BatchNormServiceServicer):

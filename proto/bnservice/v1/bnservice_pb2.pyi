@@ -64,6 +64,31 @@ EPS_MODE_ADDITIVE: EpsMode.ValueType  # 1
 EPS_MODE_MAX: EpsMode.ValueType  # 2
 Global___EpsMode: _TypeAlias = EpsMode  # noqa: Y015
 
+class _Phase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PHASE_UNSPECIFIED: _Phase.ValueType  # 0
+    PHASE_FORWARD: _Phase.ValueType  # 1
+    """vectors: (mean, M2) per channel, with count"""
+    PHASE_BACKWARD: _Phase.ValueType  # 2
+    """vectors: (sum(dy), sum(dy * xhat)) per channel"""
+
+class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
+    """---------------------------------------------------------------------------
+    Coordinator: merges per-rank statistics of SyncBatchNorm groups. Servers
+    call it; clients never do. Only O(C) numbers cross it.
+    """
+
+PHASE_UNSPECIFIED: Phase.ValueType  # 0
+PHASE_FORWARD: Phase.ValueType  # 1
+"""vectors: (mean, M2) per channel, with count"""
+PHASE_BACKWARD: Phase.ValueType  # 2
+"""vectors: (sum(dy), sum(dy * xhat)) per channel"""
+Global___Phase: _TypeAlias = Phase  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense row-major array. `dtype` is a numpy dtype name ("float32",
@@ -582,3 +607,135 @@ class ResetRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetRequest: _TypeAlias = ResetRequest  # noqa: Y015
+
+@_typing.final
+class RoundRef(_message.Message):
+    """Identifies the rounds a contribution can join."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    MODULE_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    module: _builtins.str
+    phase: Global___Phase.ValueType
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        module: _builtins.str = ...,
+        phase: Global___Phase.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "module", b"module", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundRef: _TypeAlias = RoundRef  # noqa: Y015
+
+@_typing.final
+class ReduceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    world_size: _builtins.int
+    signature: _builtins.str
+    """The group config without the rank; every rank of a round must agree."""
+    count: _builtins.int
+    @_builtins.property
+    def round(self) -> Global___RoundRef: ...
+    @_builtins.property
+    def vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """float64, shape (C,)"""
+
+    def __init__(
+        self,
+        *,
+        round: Global___RoundRef | None = ...,
+        rank: _builtins.int = ...,
+        world_size: _builtins.int = ...,
+        signature: _builtins.str = ...,
+        count: _builtins.int = ...,
+        vectors: _abc.Iterable[Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "rank", b"rank", "round", b"round", "signature", b"signature", "vectors", b"vectors", "world_size", b"world_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReduceRequest: _TypeAlias = ReduceRequest  # noqa: Y015
+
+@_typing.final
+class ReduceResponse(_message.Message):
+    """The merged contribution, identical for every rank of the round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    @_builtins.property
+    def vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        vectors: _abc.Iterable[Global___Tensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "vectors", b"vectors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReduceResponse: _TypeAlias = ReduceResponse  # noqa: Y015
+
+@_typing.final
+class AbortRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def round(self) -> Global___RoundRef: ...
+    def __init__(
+        self,
+        *,
+        round: Global___RoundRef | None = ...,
+        rank: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "reason", b"reason", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRequest: _TypeAlias = AbortRequest  # noqa: Y015
+
+@_typing.final
+class AbortResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortResponse: _TypeAlias = AbortResponse  # noqa: Y015

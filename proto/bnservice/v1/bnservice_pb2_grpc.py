@@ -527,3 +527,121 @@ class BatchNormService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CoordinatorServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Reduce = channel.unary_unary(
+                '/bnservice.v1.CoordinatorService/Reduce',
+                request_serializer=bnservice_dot_v1_dot_bnservice__pb2.ReduceRequest.SerializeToString,
+                response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ReduceResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/bnservice.v1.CoordinatorService/Abort',
+                request_serializer=bnservice_dot_v1_dot_bnservice__pb2.AbortRequest.SerializeToString,
+                response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.AbortResponse.FromString,
+                _registered_method=True)
+
+
+class CoordinatorServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Reduce(self, request, context):
+        """Blocks until every rank of the round has contributed, the round times
+        out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Fails the open round for every waiting rank: this rank cannot take part.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CoordinatorServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Reduce': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reduce,
+                    request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ReduceRequest.FromString,
+                    response_serializer=bnservice_dot_v1_dot_bnservice__pb2.ReduceResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.AbortRequest.FromString,
+                    response_serializer=bnservice_dot_v1_dot_bnservice__pb2.AbortResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'bnservice.v1.CoordinatorService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('bnservice.v1.CoordinatorService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CoordinatorService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Reduce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bnservice.v1.CoordinatorService/Reduce',
+            bnservice_dot_v1_dot_bnservice__pb2.ReduceRequest.SerializeToString,
+            bnservice_dot_v1_dot_bnservice__pb2.ReduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bnservice.v1.CoordinatorService/Abort',
+            bnservice_dot_v1_dot_bnservice__pb2.AbortRequest.SerializeToString,
+            bnservice_dot_v1_dot_bnservice__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

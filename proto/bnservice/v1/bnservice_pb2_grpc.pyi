@@ -152,3 +152,46 @@ class BatchNormServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_bnservice_pb2.ModuleInfo, _abc.Awaitable[_bnservice_pb2.ModuleInfo]]: ...
 
 def add_BatchNormServiceServicer_to_server(servicer: BatchNormServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CoordinatorServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CoordinatorServiceAsyncStub: ...
+    Reduce: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.ReduceRequest, _bnservice_pb2.ReduceResponse]
+    """Blocks until every rank of the round has contributed, the round times
+    out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+    """
+    Abort: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.AbortRequest, _bnservice_pb2.AbortResponse]
+    """Fails the open round for every waiting rank: this rank cannot take part."""
+
+@_typing.type_check_only
+class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Reduce: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.ReduceRequest, _bnservice_pb2.ReduceResponse]  # type: ignore[assignment]
+    """Blocks until every rank of the round has contributed, the round times
+    out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+    """
+    Abort: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.AbortRequest, _bnservice_pb2.AbortResponse]  # type: ignore[assignment]
+    """Fails the open round for every waiting rank: this rank cannot take part."""
+
+class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Reduce(
+        self,
+        request: _bnservice_pb2.ReduceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bnservice_pb2.ReduceResponse, _abc.Awaitable[_bnservice_pb2.ReduceResponse]]:
+        """Blocks until every rank of the round has contributed, the round times
+        out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+        """
+
+    @_abc_1.abstractmethod
+    def Abort(
+        self,
+        request: _bnservice_pb2.AbortRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bnservice_pb2.AbortResponse, _abc.Awaitable[_bnservice_pb2.AbortResponse]]:
+        """Fails the open round for every waiting rank: this rank cannot take part."""
+
+def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

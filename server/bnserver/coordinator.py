@@ -1,0 +1,195 @@
+"""The SyncBatchNorm coordinator: rounds that merge per-rank statistics.
+
+A *round* gathers one contribution from each rank of a group for one module
+and phase, merges them in rank order and hands every rank the identical
+result. Forward rounds carry per-channel (count, mean, M2) and merge them with
+Chan's parallel update; backward rounds carry (sum(dy), sum(dy * xhat)) and add
+them. Only O(C) numbers travel here; tensors stay on the servers.
+
+Rounds are matched by arrival: a contribution joins the open round of its
+(group, module, phase), or opens one. A round that is not complete within
+`timeout` seconds of its first contribution fails for every waiting rank with
+DeadlineExceeded naming the missing ranks; a rank whose config or channel
+count differs from the round's fails it at once for everyone. Finished and
+failed rounds are forgotten immediately, so memory is only held by rounds in
+progress.
+
+Nothing here knows gRPC: `bnserver.coordinator_service` serves it remotely
+and servers with an embedded coordinator call it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from bnserver.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from bnserver.kernel import Moments
+
+
+class Phase(Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+@dataclass(frozen=True)
+class RoundKey:
+    """Which rounds a contribution can join: one group's module in one phase."""
+
+    group: str
+    module: str
+    phase: Phase
+
+    def __str__(self) -> str:
+        return f"{self.phase.value} round of module {self.module!r} in group {self.group!r}"
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One rank's numbers: count (forward only) and float64 (C,) vectors.
+
+    Forward: (count, (mean, m2)). Backward: (0, (sum_dy, sum_dy_xhat)).
+    """
+
+    count: int
+    vectors: tuple[np.ndarray, ...]
+
+
+@dataclass
+class _Round:
+    world_size: int
+    signature: Hashable
+    deadline: float
+    parts: dict[int, Contribution] = field(default_factory=dict)
+    result: Contribution | None = None
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def missing(self) -> list[int]:
+        return [r for r in range(self.world_size) if r not in self.parts]
+
+
+def merge(phase: Phase, parts: dict[int, Contribution]) -> Contribution:
+    """Fold contributions in rank order (so every rank and every run agrees bit for bit)."""
+    ordered = [parts[r] for r in sorted(parts)]
+    if phase is Phase.FORWARD:
+        total = Moments(ordered[0].count, *ordered[0].vectors)
+        for part in ordered[1:]:
+            total = total.merge(Moments(part.count, *part.vectors))
+        return Contribution(total.count, (total.mean, total.m2))
+    sums = [v.copy() for v in ordered[0].vectors]
+    for part in ordered[1:]:
+        for acc, v in zip(sums, part.vectors, strict=True):
+            acc += v
+    return Contribution(0, tuple(sums))
+
+
+class Coordinator:
+    """Holds the rounds in progress. Thread-safe; each contributor blocks in its own thread.
+
+    timeout:    seconds a round may wait for its ranks, from its first contribution.
+    max_rounds: rounds in progress at once (RESOURCE_EXHAUSTED beyond).
+    """
+
+    def __init__(self, timeout: float = 30.0, max_rounds: int = 4096) -> None:
+        self.timeout = timeout
+        self.max_rounds = max_rounds
+        self._lock = threading.Lock()
+        self._rounds: dict[RoundKey, _Round] = {}
+
+    def __len__(self) -> int:
+        """Rounds in progress."""
+        return len(self._rounds)
+
+    def contribute(
+        self,
+        key: RoundKey,
+        rank: int,
+        world_size: int,
+        signature: Hashable,
+        part: Contribution,
+    ) -> Contribution:
+        """Add rank `rank`'s part to the open round of `key`; block until it completes.
+
+        `signature` (config and channel count, without the rank) must be the
+        same for every rank of a round. Returns the merged contribution.
+        """
+        if not 0 <= rank < world_size:
+            raise InvalidArgument(f"rank must be in 0..{world_size - 1}, got {rank}")
+        with self._lock:
+            rnd = self._join(key, rank, world_size, signature, part)
+        remaining = rnd.deadline - time.monotonic()
+        if not rnd.done.wait(max(remaining, 0.0)):
+            self._expire(key, rnd)
+        if rnd.error is not None:
+            raise rnd.error
+        assert rnd.result is not None
+        return rnd.result
+
+    def _join(
+        self, key: RoundKey, rank: int, world_size: int, signature: Hashable, part: Contribution
+    ) -> _Round:
+        rnd = self._rounds.get(key)
+        if rnd is None:
+            if len(self._rounds) >= self.max_rounds:
+                raise ResourceExhausted(
+                    f"the coordinator holds {self.max_rounds} rounds in progress, its limit "
+                    f"(--max-rounds)"
+                )
+            rnd = _Round(world_size, signature, time.monotonic() + self.timeout)
+            self._rounds[key] = rnd
+        if world_size != rnd.world_size or signature != rnd.signature:
+            others = sorted(rnd.parts)
+            message = (
+                f"rank {rank} of {key} has config {signature} (world_size {world_size}), "
+                f"but rank(s) {others} have {rnd.signature} (world_size {rnd.world_size})"
+            )
+            self._finish(key, rnd, error=Aborted(f"round aborted: {message}"))
+            raise InvalidArgument(message)
+        if rank in rnd.parts:
+            # The rank is a step ahead of its peers (or two clients claim one rank):
+            # pairing it with itself would be wrong, so the round fails for all.
+            message = (
+                f"rank {rank} contributed twice to the {key} before rank(s) {rnd.missing()} arrived"
+            )
+            self._finish(key, rnd, error=Aborted(f"round aborted: {message}"))
+            raise Aborted(message)
+        rnd.parts[rank] = part
+        if len(rnd.parts) == world_size:
+            self._finish(key, rnd, result=merge(key.phase, rnd.parts))
+        return rnd
+
+    def abort(self, key: RoundKey, rank: int, reason: str) -> None:
+        """Fail the open round of `key` for every waiting rank (rank `rank` cannot take part)."""
+        with self._lock:
+            rnd = self._rounds.get(key)
+            if rnd is not None:
+                self._finish(key, rnd, error=Aborted(f"round aborted by rank {rank}: {reason}"))
+
+    def _expire(self, key: RoundKey, rnd: _Round) -> None:
+        with self._lock:
+            if not rnd.done.is_set():
+                error = DeadlineExceeded(
+                    f"{key} timed out after {self.timeout:g} s waiting for rank(s) "
+                    f"{rnd.missing()} of {rnd.world_size}; no rank updated its statistics"
+                )
+                self._finish(key, rnd, error=error)
+
+    def _finish(
+        self,
+        key: RoundKey,
+        rnd: _Round,
+        *,
+        result: Contribution | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        """Complete `rnd` (caller holds the lock) and forget it."""
+        rnd.result, rnd.error = result, error
+        if self._rounds.get(key) is rnd:
+            del self._rounds[key]
+        rnd.done.set()

@@ -1,0 +1,143 @@
+"""The coordinator over gRPC: its servicer, and the client servers use to reach it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bnserver.coordinator import Contribution, Coordinator, Phase, RoundKey
+from bnserver.errors import Aborted, InvalidArgument
+from bnserver.protocol import decode
+from bnserver.status import error_for, rpc
+from bnservice import wire
+from bnservice.v1 import bnservice_pb2 as pb
+from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
+
+_PHASES = {pb.PHASE_FORWARD: Phase.FORWARD, pb.PHASE_BACKWARD: Phase.BACKWARD}
+_PHASE_CODES = {phase: code for code, phase in _PHASES.items()}
+
+#: Contributions are O(C) float64 numbers; this admits C up to a few million.
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 1 << 28),
+    ("grpc.max_send_message_length", 1 << 28),
+]
+
+#: Extra seconds a server waits on the coordinator beyond the round timeout,
+#: so that the coordinator's own, more informative, timeout arrives first.
+DEADLINE_MARGIN = 5.0
+
+
+def _round_key(ref: pb.RoundRef) -> RoundKey:
+    phase = _PHASES.get(ref.phase)
+    if phase is None:
+        raise InvalidArgument(f"unknown phase {ref.phase}")
+    if not ref.group or not ref.module:
+        raise InvalidArgument("a round needs a group and a module name")
+    return RoundKey(ref.group, ref.module, phase)
+
+
+def _contribution(request: pb.ReduceRequest) -> tuple[Contribution, tuple[int, ...]]:
+    """The request's numbers, and the vector shape (part of what ranks must agree on)."""
+    vectors = tuple(decode(v) for v in request.vectors)
+    if len(vectors) != 2:
+        raise InvalidArgument(f"a contribution carries 2 vectors, got {len(vectors)}")
+    shape = vectors[0].shape
+    if len(shape) != 1 or any(v.shape != shape or v.dtype != np.float64 for v in vectors):
+        raise InvalidArgument("contribution vectors must be float64 of one shape (C,)")
+    if request.count < 0:
+        raise InvalidArgument(f"count must be >= 0, got {request.count}")
+    return Contribution(request.count, vectors), shape
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
+    """Thin shell over a Coordinator; each waiting call holds one server thread."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    @rpc
+    def Reduce(self, request: pb.ReduceRequest, context: Any) -> pb.ReduceResponse:
+        key = _round_key(request.round)
+        part, shape = _contribution(request)
+        merged = self.coordinator.contribute(
+            key, request.rank, request.world_size, (request.signature, shape), part
+        )
+        reply = pb.ReduceResponse(count=merged.count)
+        for vector in merged.vectors:
+            wire.encode(vector, reply.vectors.add())
+        return reply
+
+    @rpc
+    def Abort(self, request: pb.AbortRequest, context: Any) -> pb.AbortResponse:
+        self.coordinator.abort(_round_key(request.round), request.rank, request.reason)
+        return pb.AbortResponse()
+
+
+class RemoteCoordinator:
+    """A `bnserver.sync.Reducer` backed by a coordinator at `target` ("host:port").
+
+    timeout: the coordinator's round timeout; calls wait a margin longer.
+    """
+
+    def __init__(
+        self, target: str, timeout: float = 30.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=_OPTIONS)
+        self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def contribute(
+        self,
+        key: RoundKey,
+        rank: int,
+        world_size: int,
+        signature: Hashable,
+        part: Contribution,
+    ) -> Contribution:
+        request = pb.ReduceRequest(
+            round=self._round_ref(key),
+            rank=rank,
+            world_size=world_size,
+            signature=str(signature),
+            count=part.count,
+        )
+        for vector in part.vectors:
+            wire.encode(vector, request.vectors.add())
+        try:
+            reply = self._stub.Reduce(request, timeout=self.timeout + DEADLINE_MARGIN)
+        except grpc.RpcError as err:
+            raise self._error(err, key) from None
+        return Contribution(reply.count, tuple(np.array(decode(v)) for v in reply.vectors))
+
+    def abort(self, key: RoundKey, rank: int, reason: str) -> None:
+        request = pb.AbortRequest(round=self._round_ref(key), rank=rank, reason=reason)
+        # Best effort: if the abort is lost, the peers still time out.
+        with contextlib.suppress(grpc.RpcError):
+            self._stub.Abort(request, timeout=DEADLINE_MARGIN)
+
+    @staticmethod
+    def _round_ref(key: RoundKey) -> pb.RoundRef:
+        return pb.RoundRef(group=key.group, module=key.module, phase=_PHASE_CODES[key.phase])
+
+    def _error(self, err: grpc.RpcError, key: RoundKey) -> Exception:
+        code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.UNKNOWN,
+        ):
+            # The coordinator went away (restart, crash, network): the round is lost.
+            return Aborted(f"{key} lost: coordinator {self.target} unavailable ({details})")
+        return error_for(code, details)

@@ -1,0 +1,97 @@
+"""SyncBatchNorm: a BatchNorm whose batch statistics span every rank of a group.
+
+The module asks a `Reducer` (the coordinator, in process or remote) to merge
+its per-channel statistics with the other ranks'; normalization, gradients and
+the running-stats update then use the global values, exactly as if the ranks'
+batches were one. Running statistics (eval, freeze) never involve the reducer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Protocol
+
+import numpy as np
+
+from bnserver import kernel
+from bnserver.config import ModuleConfig
+from bnserver.coordinator import Contribution, Phase, RoundKey
+from bnserver.errors import InvalidArgument
+from bnserver.modules import BatchNorm, Gradients, SavedForBackward, checked
+
+
+class Reducer(Protocol):
+    """Merges one contribution per rank; `bnserver.coordinator.Coordinator` is one."""
+
+    def contribute(
+        self,
+        key: RoundKey,
+        rank: int,
+        world_size: int,
+        signature: Hashable,
+        part: Contribution,
+    ) -> Contribution: ...
+
+    def abort(self, key: RoundKey, rank: int, reason: str) -> None: ...
+
+
+class SyncBatchNorm(BatchNorm):
+    """MegEngine's SyncBatchNorm: (N, C), (N, C, L) or (N, C, H, W) input.
+
+    name:    the module's name, shared by the ranks of its group.
+    reducer: where the group's statistics are merged.
+    """
+
+    def __init__(self, config: ModuleConfig, name: str, reducer: Reducer) -> None:
+        super().__init__(config)
+        assert config.sync is not None
+        self.sync = config.sync
+        self.name = name
+        self.reducer = reducer
+        self.signature = config.group_signature()
+
+    def _key(self, phase: Phase) -> RoundKey:
+        return RoundKey(self.sync.group, self.name, phase)
+
+    def _eps_mode(self) -> kernel.EpsMode:
+        return "max" if self.sync.eps_mode == "max" else "additive"
+
+    def _all_reduce(self, phase: Phase, part: Contribution) -> Contribution:
+        key = self._key(phase)
+        return self.reducer.contribute(
+            key, self.sync.rank, self.sync.world_size, self.signature, part
+        )
+
+    def forward(
+        self, x: np.ndarray, keep_for_backward: bool = False
+    ) -> tuple[np.ndarray, SavedForBackward | None]:
+        try:
+            self.check_input(x)
+        except InvalidArgument as exc:
+            # Peers would otherwise wait out the timeout for this rank.
+            if self.uses_batch_stats():
+                self.reducer.abort(self._key(Phase.FORWARD), self.sync.rank, str(exc))
+            raise
+        return super().forward(x, keep_for_backward)
+
+    def backward(self, saved: SavedForBackward, grad_out: np.ndarray) -> Gradients:
+        try:
+            self.check_grad(saved, grad_out)
+        except InvalidArgument as exc:
+            if saved.count is not None:
+                self.reducer.abort(self._key(Phase.BACKWARD), self.sync.rank, str(exc))
+            raise
+        return super().backward(saved, grad_out)
+
+    def _batch_moments(self, x: np.ndarray) -> kernel.Moments:
+        local = kernel.moments(x)
+        merged = self._all_reduce(Phase.FORWARD, Contribution(local.count, (local.mean, local.m2)))
+        mean, m2 = merged.vectors
+        return checked(kernel.Moments(merged.count, mean, m2))
+
+    def _global_grad_sums(
+        self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector
+    ) -> tuple[kernel.Vector, kernel.Vector]:
+        merged = self._all_reduce(Phase.BACKWARD, Contribution(0, (sum_dy, sum_dy_xhat)))
+        total_dy, total_dy_xhat = merged.vectors
+        return total_dy, total_dy_xhat
