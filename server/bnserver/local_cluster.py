@@ -19,6 +19,8 @@ def cluster_commands(
     docker-compose.yml runs the same command lines (tests/cluster checks it).
     """
     timeout = ["--sync-timeout", f"{sync_timeout:g}"]
+    # Servers reach a coordinator bound to every interface through loopback.
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     commands = [["coordinator", "--host", host, "--port", str(port), *timeout]]
     for i in range(1, servers + 1):
         commands.append(
@@ -31,7 +33,7 @@ def cluster_commands(
                 "--state-dir",
                 str(state_dir / f"server-{i}"),
                 "--coordinator",
-                f"{host}:{port}",
+                f"{reach}:{port}",
                 *timeout,
             ]
         )
