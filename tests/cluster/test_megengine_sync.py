@@ -46,7 +46,7 @@ def test_two_ranks_split_on_last_axis_match_whole_batch(cluster, group) -> None:
         for x in batches:
             parts = [x[..., :halves], x[..., halves:]]
             outs = run_ranks(
-                [lambda r=r: ranks[r](np.ascontiguousarray(parts[r])) for r in range(2)]
+                [lambda bn=bn, part=part: bn(part) for bn, part in zip(ranks, parts, strict=True)]
             )
             stitched = np.concatenate(outs, axis=-1)
             expected, running = _reference_step(x, running)

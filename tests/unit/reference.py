@@ -28,7 +28,7 @@ def per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
 
 def count(x: np.ndarray) -> int:
     """Elements per channel (N * prod(spatial))."""
-    return x.size // x.shape[1]
+    return int(x.size // x.shape[1])
 
 
 def mean_var(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +50,7 @@ def forward(
 ) -> np.ndarray:
     """y = (x - mean) / sqrt(var + eps) * weight + bias, in float64."""
     nd = x.ndim
-    y = (x.astype(F64) - per_channel(mean, nd)) / np.sqrt(per_channel(var, nd) + eps)
+    y: np.ndarray = (x.astype(F64) - per_channel(mean, nd)) / np.sqrt(per_channel(var, nd) + eps)
     if weight is not None:
         y = y * per_channel(weight, nd)
     if bias is not None:
