@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,3 +135,33 @@ def test_compose_topology_matches_bnserver_up() -> None:
         assert services[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
     volumes = [services[n]["volumes"][0].split(":")[0] for n in ("server-1", "server-2")]
     assert len(set(volumes)) == 2
+
+
+def test_readme_sync_example_runs_against_a_cluster(tmp_path: Path) -> None:
+    """The README's SyncBatchNorm example, with `bnserver up`'s ports swapped for free ones."""
+    text = (ROOT / "README.md").read_text()
+    (example,) = [
+        b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "sync_batch_norm" in b
+    ]
+    base = _free_port_range(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnserver.cli", "up", "--servers", "2", "--port", str(base),
+         "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for _ in range(4):
+            proc.stdout.readline()
+        script = example.replace("50051", str(base + 1)).replace("50052", str(base + 2))
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        difference = float(run.stdout.strip().rsplit(" ", 1)[-1])
+        assert difference < 1e-5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
