@@ -66,7 +66,8 @@ def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
         raise WireError(
             f"unsupported array dtype {name!r}; expected one of {', '.join(FLOAT_DTYPES)}"
         )
-    contiguous = np.ascontiguousarray(array, dtype=FLOAT_DTYPES[name])
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    contiguous = np.require(array, dtype=FLOAT_DTYPES[name], requirements="C")
     msg = pb.Tensor() if out is None else out
     msg.dtype = name
     del msg.shape[:]

@@ -15,7 +15,7 @@ from bnserver.config import Kind, ModuleConfig
 from bnserver.coordinator import Coordinator
 from bnserver.errors import InvalidArgument, ServiceError
 from bnserver.handles import BackwardStore
-from bnserver.modules import BatchNorm, Gradients
+from bnserver.modules import BatchNorm, Gradients, SavedForBackward
 from bnserver.registry import ModuleKey, Registry
 from bnserver.sync import Reducer, SyncBatchNorm
 
@@ -77,7 +77,7 @@ class Engine:
         """Run the module on `x`; return the output and a backward handle ('' unless kept)."""
         module = self.registry.get(key)
         if keep_for_backward:
-            self.handles.check_fits(x.nbytes)
+            self.handles.check_fits(SavedForBackward.size_for(x))
         y, saved = module.forward(x, keep_for_backward)
         handle = self.handles.put(saved) if saved is not None else ""
         return y, handle

@@ -47,7 +47,12 @@ class SavedForBackward:
 
     @property
     def nbytes(self) -> int:
-        return int(self.x.nbytes) + 3 * self.mean.nbytes
+        return self.size_for(self.x)
+
+    @staticmethod
+    def size_for(x: np.ndarray) -> int:
+        """Bytes a context for input `x` holds: x plus three float64 (C,) vectors."""
+        return int(x.nbytes) + 3 * 8 * (x.shape[1] if x.ndim > 1 else 0)
 
 
 @dataclass(frozen=True)
@@ -132,10 +137,14 @@ class BatchNorm:
                 assert self.running_mean is not None and self.running_var is not None
                 mean = self.running_mean.astype(np.float64)
                 var = self.running_var.astype(np.float64)
+            update = stats is not None and self.training and cfg.track_running_stats
+            if update:
+                assert stats is not None
+                running = self._next_running_stats(stats)
             inv_std = kernel.inv_std(var, cfg.eps, self._eps_mode())
             y = kernel.normalize(x, mean, inv_std, weight, bias)
-            if stats is not None and self.training and cfg.track_running_stats:
-                self._update_running_stats(stats)
+            if update:
+                self.running_mean, self.running_var = running
         saved = None
         if keep_for_backward:
             count = None if stats is None else stats.count
@@ -170,14 +179,21 @@ class BatchNorm:
     ) -> tuple[kernel.Vector, kernel.Vector]:
         return sum_dy, sum_dy_xhat
 
-    def _update_running_stats(self, stats: kernel.Moments) -> None:
+    def _next_running_stats(self, stats: kernel.Moments) -> tuple[np.ndarray, np.ndarray]:
+        """The running stats after blending in `stats`; InvalidArgument if they overflow."""
         assert self.running_mean is not None and self.running_var is not None
         m = self.config.momentum
         # float64 blend, one rounding to float32 (MegEngine blends in float32).
         mean = m * self.running_mean.astype(np.float64) + (1 - m) * stats.mean
         var = m * self.running_var.astype(np.float64) + (1 - m) * stats.unbiased_var
-        self.running_mean = mean.astype(np.float32)
-        self.running_var = var.astype(np.float32)
+        with np.errstate(over="ignore"):
+            mean32, var32 = mean.astype(np.float32), var.astype(np.float32)
+        if not (np.isfinite(mean32).all() and np.isfinite(var32).all()):
+            raise InvalidArgument(
+                "the batch's statistics overflow the float32 running statistics "
+                "(values too large); the batch was rejected and nothing changed"
+            )
+        return mean32, var32
 
     # -- state ----------------------------------------------------------------
 

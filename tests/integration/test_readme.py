@@ -15,7 +15,7 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_quickstart_example_runs_twice(fresh_server) -> None:
-    (example,) = [b for b in _python_blocks() if "from bnclient import Client" in b]
+    (example,) = [b for b in _python_blocks() if 'batch_norm_2d("stem.bn"' in b]
     assert '"127.0.0.1:50051"' in example
     script = example.replace("127.0.0.1:50051", fresh_server.address)
     for _ in range(2):  # state persists between runs; the example must not depend on a fresh server
