@@ -22,6 +22,9 @@ def median_seconds(fn: Callable[[], object], *, repeat: int = 15, warmup: int = 
 def table(rows: list[list[str]], header: list[str]) -> str:
     """A GitHub-flavoured Markdown table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     sep = "| " + " | ".join("-" * w for w in widths) + " |"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])

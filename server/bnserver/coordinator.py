@@ -28,6 +28,7 @@ from enum import Enum
 
 import numpy as np
 
+from bnserver.calls import CallContext
 from bnserver.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from bnserver.kernel import Moments
 
@@ -62,13 +63,20 @@ class Contribution:
 
 @dataclass
 class _Round:
+    """A round in progress. `failure` set means it was aborted before all ranks arrived:
+    the ranks still to come get that error at once, and the round is dropped when
+    every rank has been told or its deadline passes."""
+
     world_size: int
     signature: Hashable
     deadline: float
     parts: dict[int, Contribution] = field(default_factory=dict)
+    callers: dict[int, CallContext | None] = field(default_factory=dict)
     result: Contribution | None = None
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    failure: Exception | None = None
+    told: set[int] = field(default_factory=set)
 
     def missing(self) -> list[int]:
         return [r for r in range(self.world_size) if r not in self.parts]
@@ -96,6 +104,9 @@ class Coordinator:
     max_rounds: rounds in progress at once (RESOURCE_EXHAUSTED beyond).
     """
 
+    #: How often a waiting contributor checks whether its caller gave up.
+    POLL_SECONDS = 0.05
+
     def __init__(self, timeout: float = 30.0, max_rounds: int = 4096) -> None:
         self.timeout = timeout
         self.max_rounds = max_rounds
@@ -103,8 +114,10 @@ class Coordinator:
         self._rounds: dict[RoundKey, _Round] = {}
 
     def __len__(self) -> int:
-        """Rounds in progress."""
-        return len(self._rounds)
+        """Rounds in progress (including aborted ones still telling late ranks)."""
+        with self._lock:
+            self._sweep()
+            return len(self._rounds)
 
     def contribute(
         self,
@@ -113,28 +126,48 @@ class Coordinator:
         world_size: int,
         signature: Hashable,
         part: Contribution,
+        call: CallContext | None = None,
     ) -> Contribution:
         """Add rank `rank`'s part to the open round of `key`; block until it completes.
 
         `signature` (config and channel count, without the rank) must be the
-        same for every rank of a round. Returns the merged contribution.
+        same for every rank of a round. If the caller gives up (`call` is
+        cancelled or past its deadline) before the round completes, its part
+        is withdrawn and never merged, so a call that failed for its client
+        leaves nothing behind. Returns the merged contribution.
         """
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank must be in 0..{world_size - 1}, got {rank}")
         with self._lock:
-            rnd = self._join(key, rank, world_size, signature, part)
-        remaining = rnd.deadline - time.monotonic()
-        if not rnd.done.wait(max(remaining, 0.0)):
-            self._expire(key, rnd)
+            rnd = self._join(key, rank, world_size, signature, part, call)
+        poll = None if call is None else self.POLL_SECONDS
+        while not rnd.done.wait(_wait_time(rnd.deadline, poll)):
+            if call is not None and call.expired():
+                self._withdraw(key, rnd, rank)
+            elif time.monotonic() >= rnd.deadline:
+                self._expire(key, rnd)
         if rnd.error is not None:
             raise rnd.error
         assert rnd.result is not None
         return rnd.result
 
     def _join(
-        self, key: RoundKey, rank: int, world_size: int, signature: Hashable, part: Contribution
+        self,
+        key: RoundKey,
+        rank: int,
+        world_size: int,
+        signature: Hashable,
+        part: Contribution,
+        call: CallContext | None,
     ) -> _Round:
+        self._sweep()
         rnd = self._rounds.get(key)
+        if rnd is not None and rnd.failure is not None:
+            # The round was aborted before this rank arrived: fail it the same way.
+            rnd.told.add(rank)
+            if len(rnd.told) >= rnd.world_size:
+                del self._rounds[key]
+            raise rnd.failure
         if rnd is None:
             if len(self._rounds) >= self.max_rounds:
                 raise ResourceExhausted(
@@ -146,7 +179,7 @@ class Coordinator:
         if world_size != rnd.world_size or signature != rnd.signature:
             others = sorted(rnd.parts)
             message = (
-                f"rank {rank} of {key} has config {signature} (world_size {world_size}), "
+                f"rank {rank} of the {key} has config {signature} (world_size {world_size}), "
                 f"but rank(s) {others} have {rnd.signature} (world_size {rnd.world_size})"
             )
             self._finish(key, rnd, error=Aborted(f"round aborted: {message}"))
@@ -160,16 +193,51 @@ class Coordinator:
             self._finish(key, rnd, error=Aborted(f"round aborted: {message}"))
             raise Aborted(message)
         rnd.parts[rank] = part
+        rnd.callers[rank] = call
+        if len(rnd.parts) == world_size:
+            # A part whose caller already gave up must not be merged: its server
+            # will not apply the result, and its peers must not either.
+            for gone in [r for r, c in rnd.callers.items() if c is not None and c.expired()]:
+                del rnd.parts[gone], rnd.callers[gone]
         if len(rnd.parts) == world_size:
             self._finish(key, rnd, result=merge(key.phase, rnd.parts))
         return rnd
 
-    def abort(self, key: RoundKey, rank: int, reason: str) -> None:
-        """Fail the open round of `key` for every waiting rank (rank `rank` cannot take part)."""
+    def abort(self, key: RoundKey, rank: int, world_size: int, reason: str) -> None:
+        """Fail the round of `key` for every rank: rank `rank` cannot take part.
+
+        Ranks already waiting fail now; ranks arriving later for the same
+        round fail on arrival, until all have been told or the timeout passes.
+        """
+        error = Aborted(f"round aborted by rank {rank}: {reason}")
         with self._lock:
+            self._sweep()
             rnd = self._rounds.get(key)
-            if rnd is not None:
-                self._finish(key, rnd, error=Aborted(f"round aborted by rank {rank}: {reason}"))
+            if rnd is not None and rnd.failure is None:
+                told = set(rnd.parts) | {rank}
+                self._finish(key, rnd, error=error)
+            elif rnd is None:
+                told = {rank}
+            else:
+                return  # already aborted
+            if len(told) < world_size:
+                tomb = _Round(world_size, None, time.monotonic() + self.timeout, failure=error)
+                tomb.told = told
+                self._rounds[key] = tomb
+
+    def _withdraw(self, key: RoundKey, rnd: _Round, rank: int) -> None:
+        with self._lock:
+            if rnd.done.is_set():
+                return  # completed meanwhile: every rank has its result, keep it consistent
+            rnd.parts.pop(rank, None)
+            rnd.callers.pop(rank, None)
+            if not rnd.parts and self._rounds.get(key) is rnd:
+                del self._rounds[key]
+        # Only this waiter fails: the round stays open for the others.
+        raise Aborted(
+            f"rank {rank} gave up on the {key} (call cancelled or past its deadline); "
+            f"its contribution was withdrawn"
+        )
 
     def _expire(self, key: RoundKey, rnd: _Round) -> None:
         with self._lock:
@@ -179,6 +247,12 @@ class Coordinator:
                     f"{rnd.missing()} of {rnd.world_size}; no rank updated its statistics"
                 )
                 self._finish(key, rnd, error=error)
+
+    def _sweep(self) -> None:
+        """Drop aborted rounds whose deadline passed (caller holds the lock)."""
+        now = time.monotonic()
+        for key in [k for k, r in self._rounds.items() if r.failure and r.deadline <= now]:
+            del self._rounds[key]
 
     def _finish(
         self,
@@ -193,3 +267,8 @@ class Coordinator:
         if self._rounds.get(key) is rnd:
             del self._rounds[key]
         rnd.done.set()
+
+
+def _wait_time(deadline: float, poll: float | None) -> float:
+    remaining = max(deadline - time.monotonic(), 0.0)
+    return remaining if poll is None else min(remaining, poll)

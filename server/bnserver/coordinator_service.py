@@ -9,10 +9,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bnserver.calls import CallContext
 from bnserver.coordinator import Contribution, Coordinator, Phase, RoundKey
 from bnserver.errors import Aborted, InvalidArgument
 from bnserver.protocol import decode
-from bnserver.status import error_for, rpc
+from bnserver.status import call_context, error_for, rpc
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
@@ -63,8 +64,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def Reduce(self, request: pb.ReduceRequest, context: Any) -> pb.ReduceResponse:
         key = _round_key(request.round)
         part, shape = _contribution(request)
+        signature = (request.signature, shape)
         merged = self.coordinator.contribute(
-            key, request.rank, request.world_size, (request.signature, shape), part
+            key, request.rank, request.world_size, signature, part, call_context(context)
         )
         reply = pb.ReduceResponse(count=merged.count)
         for vector in merged.vectors:
@@ -73,7 +75,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @rpc
     def Abort(self, request: pb.AbortRequest, context: Any) -> pb.AbortResponse:
-        self.coordinator.abort(_round_key(request.round), request.rank, request.reason)
+        key = _round_key(request.round)
+        self.coordinator.abort(key, request.rank, request.world_size, request.reason)
         return pb.AbortResponse()
 
 
@@ -104,7 +107,13 @@ class RemoteCoordinator:
         world_size: int,
         signature: Hashable,
         part: Contribution,
+        call: CallContext | None = None,
     ) -> Contribution:
+        """Send this rank's part and wait for the merged result.
+
+        The caller's deadline travels with the request, and its cancellation
+        cancels it, so the coordinator withdraws the part of a call that failed.
+        """
         request = pb.ReduceRequest(
             round=self._round_ref(key),
             rank=rank,
@@ -114,14 +123,26 @@ class RemoteCoordinator:
         )
         for vector in part.vectors:
             wire.encode(vector, request.vectors.add())
+        timeout = self.timeout + DEADLINE_MARGIN
+        remaining = None if call is None else call.remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(remaining, 0.0))
+        future = self._stub.Reduce.future(request, timeout=timeout)
+        if call is not None:
+            while not future.done():
+                if call.cancelled.wait(Coordinator.POLL_SECONDS):
+                    future.cancel()  # type: ignore[no-untyped-call]
+                    raise Aborted(f"{key}: the call was cancelled while waiting for peers")
         try:
-            reply = self._stub.Reduce(request, timeout=self.timeout + DEADLINE_MARGIN)
+            reply = future.result()
         except grpc.RpcError as err:
             raise self._error(err, key) from None
         return Contribution(reply.count, tuple(np.array(decode(v)) for v in reply.vectors))
 
-    def abort(self, key: RoundKey, rank: int, reason: str) -> None:
-        request = pb.AbortRequest(round=self._round_ref(key), rank=rank, reason=reason)
+    def abort(self, key: RoundKey, rank: int, world_size: int, reason: str) -> None:
+        request = pb.AbortRequest(
+            round=self._round_ref(key), rank=rank, world_size=world_size, reason=reason
+        )
         # Best effort: if the abort is lost, the peers still time out.
         with contextlib.suppress(grpc.RpcError):
             self._stub.Abort(request, timeout=DEADLINE_MARGIN)

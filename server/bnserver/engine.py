@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnserver.calls import CallContext
 from bnserver.config import Kind, ModuleConfig
 from bnserver.coordinator import Coordinator
 from bnserver.errors import InvalidArgument, ServiceError
@@ -72,22 +73,35 @@ class Engine:
         self.handles.drop_module(self.registry.delete(key))
 
     def forward(
-        self, key: ModuleKey, x: np.ndarray, keep_for_backward: bool = False
+        self,
+        key: ModuleKey,
+        x: np.ndarray,
+        keep_for_backward: bool = False,
+        call: CallContext | None = None,
     ) -> tuple[np.ndarray, str]:
-        """Run the module on `x`; return the output and a backward handle ('' unless kept)."""
+        """Run the module on `x`; return the output and a backward handle ('' unless kept).
+
+        `call` tells when the caller gives up (a sync module then withdraws).
+        """
         module = self.registry.get(key)
         if keep_for_backward:
             self.handles.check_fits(SavedForBackward.size_for(x))
-        y, saved = module.forward(x, keep_for_backward)
+        y, saved = module.forward(x, keep_for_backward, call)
         handle = self.handles.put(saved) if saved is not None else ""
         return y, handle
 
-    def backward(self, key: ModuleKey, handle: str, grad_out: np.ndarray) -> Gradients:
+    def backward(
+        self,
+        key: ModuleKey,
+        handle: str,
+        grad_out: np.ndarray,
+        call: CallContext | None = None,
+    ) -> Gradients:
         """Gradients for a kept forward; the handle is spent only if backward succeeds."""
         module = self.registry.get(key)
         saved = self.handles.take(handle, module)
         try:
-            return module.backward(saved, grad_out)
+            return module.backward(saved, grad_out, call)
         except ServiceError:
             # A rejected backward (say, a malformed grad_output) must not cost the handle.
             self.handles.put_back(handle, saved)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnserver import kernel
+from bnserver.calls import CallContext
 from bnserver.config import ModuleConfig
 from bnserver.errors import InvalidArgument
 
@@ -117,12 +118,16 @@ class BatchNorm:
         return (self.training and not cfg.freeze) or not cfg.track_running_stats
 
     def forward(
-        self, x: np.ndarray, keep_for_backward: bool = False
+        self,
+        x: np.ndarray,
+        keep_for_backward: bool = False,
+        call: CallContext | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
 
         Returns the output (same shape and dtype) and, when asked, what
-        backward needs.
+        backward needs. `call` tells when the caller gives up; a sync module
+        then stops waiting for its peers and withdraws.
         """
         self.check_input(x)
         cfg = self.config
@@ -131,7 +136,7 @@ class BatchNorm:
             bias = None if self.bias is None else self.bias.astype(np.float64)
             stats = None
             if self.uses_batch_stats():
-                stats = self._batch_moments(x)
+                stats = self._batch_moments(x, call)
                 mean, var = stats.mean, stats.var
             else:
                 assert self.running_mean is not None and self.running_var is not None
@@ -151,14 +156,19 @@ class BatchNorm:
             saved = SavedForBackward(self, x, mean, inv_std, weight, count)
         return y, saved
 
-    def backward(self, saved: SavedForBackward, grad_out: np.ndarray) -> Gradients:
+    def backward(
+        self,
+        saved: SavedForBackward,
+        grad_out: np.ndarray,
+        call: CallContext | None = None,
+    ) -> Gradients:
         """Gradients of the forward that produced `saved`, for upstream gradient `grad_out`."""
         self.check_grad(saved, grad_out)
         x = saved.x
         sum_dy, sum_dy_xhat = kernel.grad_sums(x, grad_out, saved.mean, saved.inv_std)
         batch_terms = None
         if saved.count is not None:
-            g_sum_dy, g_sum_dy_xhat = self._global_grad_sums(sum_dy, sum_dy_xhat)
+            g_sum_dy, g_sum_dy_xhat = self._global_grad_sums(sum_dy, sum_dy_xhat, call)
             batch_terms = (saved.count, g_sum_dy, g_sum_dy_xhat)
         dx = kernel.grad_input(x, grad_out, saved.mean, saved.inv_std, saved.weight, batch_terms)
         if not self.config.affine or self.config.freeze:
@@ -170,12 +180,12 @@ class BatchNorm:
     def _eps_mode(self) -> kernel.EpsMode:
         return "additive"
 
-    def _batch_moments(self, x: np.ndarray) -> kernel.Moments:
+    def _batch_moments(self, x: np.ndarray, call: CallContext | None) -> kernel.Moments:
         """Statistics to normalize with: this batch's (a sync module merges ranks)."""
         return checked(kernel.moments(x))
 
     def _global_grad_sums(
-        self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector
+        self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector, call: CallContext | None
     ) -> tuple[kernel.Vector, kernel.Vector]:
         return sum_dy, sum_dy_xhat
 

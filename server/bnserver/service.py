@@ -16,7 +16,7 @@ from bnserver.protocol import (
     state_from_pb,
     state_to_pb,
 )
-from bnserver.status import rpc
+from bnserver.status import call_context, rpc
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
@@ -54,7 +54,8 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
         x = decode(request.input)
-        y, handle = self.engine.forward(key_from_pb(request.ref), x, request.keep_for_backward)
+        key = key_from_pb(request.ref)
+        y, handle = self.engine.forward(key, x, request.keep_for_backward, call_context(context))
         reply = pb.ForwardResponse(backward_handle=handle)
         wire.encode(y, reply.output)
         return reply
@@ -62,7 +63,8 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     @rpc
     def Backward(self, request: pb.BackwardRequest, context: Any) -> pb.BackwardResponse:
         dy = decode(request.grad_output)
-        grads = self.engine.backward(key_from_pb(request.ref), request.backward_handle, dy)
+        key = key_from_pb(request.ref)
+        grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
         reply = pb.BackwardResponse()
         wire.encode(grads.grad_input, reply.grad_input)
         if grads.grad_weight is not None and grads.grad_bias is not None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 
 from bnserver import errors
+from bnserver.calls import CallContext
 from bnservice import wire
 
 log = logging.getLogger(__name__)
@@ -65,3 +66,10 @@ def rpc(method: F) -> F:
             context.abort(code, message)
 
     return wrapper  # type: ignore[return-value]
+
+
+def call_context(context: grpc.ServicerContext) -> CallContext:
+    """The incoming call's deadline, and an event set when it ends (cancelled or done)."""
+    call = CallContext.with_timeout(context.time_remaining())
+    context.add_callback(call.cancelled.set)
+    return call

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from bnserver import kernel
+from bnserver.calls import CallContext
 from bnserver.config import ModuleConfig
 from bnserver.coordinator import Contribution, Phase, RoundKey
 from bnserver.errors import InvalidArgument
@@ -30,9 +31,10 @@ class Reducer(Protocol):
         world_size: int,
         signature: Hashable,
         part: Contribution,
+        call: CallContext | None = None,
     ) -> Contribution: ...
 
-    def abort(self, key: RoundKey, rank: int, reason: str) -> None: ...
+    def abort(self, key: RoundKey, rank: int, world_size: int, reason: str) -> None: ...
 
 
 class SyncBatchNorm(BatchNorm):
@@ -56,42 +58,57 @@ class SyncBatchNorm(BatchNorm):
     def _eps_mode(self) -> kernel.EpsMode:
         return "max" if self.sync.eps_mode == "max" else "additive"
 
-    def _all_reduce(self, phase: Phase, part: Contribution) -> Contribution:
+    def _all_reduce(
+        self, phase: Phase, part: Contribution, call: CallContext | None
+    ) -> Contribution:
         key = self._key(phase)
         return self.reducer.contribute(
-            key, self.sync.rank, self.sync.world_size, self.signature, part
+            key, self.sync.rank, self.sync.world_size, self.signature, part, call
         )
 
+    def _abort(self, phase: Phase, reason: str) -> None:
+        self.reducer.abort(self._key(phase), self.sync.rank, self.sync.world_size, reason)
+
     def forward(
-        self, x: np.ndarray, keep_for_backward: bool = False
+        self,
+        x: np.ndarray,
+        keep_for_backward: bool = False,
+        call: CallContext | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         try:
             self.check_input(x)
         except InvalidArgument as exc:
             # Peers would otherwise wait out the timeout for this rank.
             if self.uses_batch_stats():
-                self.reducer.abort(self._key(Phase.FORWARD), self.sync.rank, str(exc))
+                self._abort(Phase.FORWARD, str(exc))
             raise
-        return super().forward(x, keep_for_backward)
+        return super().forward(x, keep_for_backward, call)
 
-    def backward(self, saved: SavedForBackward, grad_out: np.ndarray) -> Gradients:
+    def backward(
+        self,
+        saved: SavedForBackward,
+        grad_out: np.ndarray,
+        call: CallContext | None = None,
+    ) -> Gradients:
         try:
             self.check_grad(saved, grad_out)
         except InvalidArgument as exc:
             if saved.count is not None:
-                self.reducer.abort(self._key(Phase.BACKWARD), self.sync.rank, str(exc))
+                self._abort(Phase.BACKWARD, str(exc))
             raise
-        return super().backward(saved, grad_out)
+        return super().backward(saved, grad_out, call)
 
-    def _batch_moments(self, x: np.ndarray) -> kernel.Moments:
+    def _batch_moments(self, x: np.ndarray, call: CallContext | None) -> kernel.Moments:
         local = kernel.moments(x)
-        merged = self._all_reduce(Phase.FORWARD, Contribution(local.count, (local.mean, local.m2)))
+        part = Contribution(local.count, (local.mean, local.m2))
+        merged = self._all_reduce(Phase.FORWARD, part, call)
         mean, m2 = merged.vectors
         return checked(kernel.Moments(merged.count, mean, m2))
 
     def _global_grad_sums(
-        self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector
+        self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector, call: CallContext | None
     ) -> tuple[kernel.Vector, kernel.Vector]:
-        merged = self._all_reduce(Phase.BACKWARD, Contribution(0, (sum_dy, sum_dy_xhat)))
+        part = Contribution(0, (sum_dy, sum_dy_xhat))
+        merged = self._all_reduce(Phase.BACKWARD, part, call)
         total_dy, total_dy_xhat = merged.vectors
         return total_dy, total_dy_xhat

@@ -706,8 +706,10 @@ class AbortRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     reason: _builtins.str
+    world_size: _builtins.int
     @_builtins.property
     def round(self) -> Global___RoundRef: ...
     def __init__(
@@ -716,10 +718,11 @@ class AbortRequest(_message.Message):
         round: Global___RoundRef | None = ...,
         rank: _builtins.int = ...,
         reason: _builtins.str = ...,
+        world_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "reason", b"reason", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "reason", b"reason", "round", b"round", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
