@@ -134,14 +134,16 @@ def moments(x: np.ndarray) -> Moments:
     if count == 0:
         zeros = np.zeros(channels)
         return Moments(0, zeros, zeros.copy())
-    mean = _channel_sum(x2.sum(axis=1, dtype=np.float64), channels) / count
-    mean_rows = _per_row(mean, batch)
-    m2_rows = np.zeros(x2.shape[0])
-    for rows, cols in _blocks(*x2.shape):
-        dev = x2[rows, cols].astype(np.float64)
-        dev -= mean_rows[rows]
-        m2_rows[rows] += np.einsum("ij,ij->i", dev, dev)
-    return Moments(count, mean, _channel_sum(m2_rows, channels))
+    # Non-finite input yields non-finite moments, which callers check; no warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = _channel_sum(x2.sum(axis=1, dtype=np.float64), channels) / count
+        mean_rows = _per_row(mean, batch)
+        m2_rows = np.zeros(x2.shape[0])
+        for rows, cols in _blocks(*x2.shape):
+            dev = x2[rows, cols].astype(np.float64)
+            dev -= mean_rows[rows]
+            m2_rows[rows] += np.einsum("ij,ij->i", dev, dev)
+        return Moments(count, mean, _channel_sum(m2_rows, channels))
 
 
 def inv_std(var: Vector, eps: float, eps_mode: EpsMode = "additive") -> Vector:

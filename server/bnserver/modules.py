@@ -241,7 +241,8 @@ class BatchNorm:
                 raise InvalidArgument(
                     f"state entry {key!r} must be a float array, not {value.dtype}"
                 )
-            vec = value.reshape(c).astype(np.float32)
+            with np.errstate(over="ignore"):  # too large for float32: caught just below
+                vec = value.reshape(c).astype(np.float32)
             if not np.isfinite(vec).all():
                 raise InvalidArgument(f"state entry {key!r} has non-finite values")
             if key == "running_var" and (vec < 0).any():
