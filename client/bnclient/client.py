@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -12,11 +12,15 @@ import numpy as np
 
 from bnclient import errors
 from bnclient.modules import BatchNorm, BatchNorm1d, BatchNorm2d, SyncBatchNorm
+from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
 #: gRPC cannot carry a message of 2 GiB or more.
 MAX_MESSAGE_BYTES = (2 << 30) - 1
+
+#: Tensors above this many bytes are streamed in chunks (see bench/transport.py).
+STREAM_THRESHOLD = 4 << 20
 
 _KIND_NAMES = {
     pb.MODULE_KIND_BATCH_NORM_1D: "BatchNorm1d",
@@ -69,6 +73,9 @@ class Client:
     root_certificates: PEM bytes of the CA that signed the server's TLS
         certificate; gives a TLS channel.
     timeout: seconds each call may take (None: no deadline).
+    stream_threshold: tensors larger than this many bytes travel as chunked
+        streams instead of one message (any size works; large unary messages
+        are slower and gRPC refuses them from 2 GiB).
     """
 
     def __init__(
@@ -78,10 +85,12 @@ class Client:
         token: str | None = None,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        stream_threshold: int = STREAM_THRESHOLD,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.stream_threshold = stream_threshold
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -226,6 +235,18 @@ class Client:
             return getattr(self._stub, method)(
                 request, timeout=self.timeout, metadata=self._metadata
             )
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+
+    def _stream(
+        self, method: str, requests: Iterator[Any], tensor_of: Callable[[Any], pb.Tensor]
+    ) -> tuple[Any, np.ndarray]:
+        """Invoke a chunk-streaming RPC; return the reply header and the tensor it carries."""
+        try:
+            replies = getattr(self._stub, method)(
+                requests, timeout=self.timeout, metadata=self._metadata
+            )
+            return wire.receive(replies, tensor_of)
         except grpc.RpcError as err:
             raise errors.from_rpc_error(err) from None
 

@@ -70,8 +70,7 @@ class BatchNorm:
 
     def forward(self, x: Any) -> np.ndarray:
         """Normalize `x`; in training mode this updates the running statistics."""
-        reply = self._forward(x, keep_for_backward=False)
-        return np.array(wire.decode(reply.output))
+        return self._forward(x, keep_for_backward=False)[0]
 
     def vjp(self, x: Any) -> tuple[np.ndarray, VJP]:
         """Forward that keeps what backward needs; returns (y, vjp) like torch.func.vjp.
@@ -79,16 +78,23 @@ class BatchNorm:
         ``dx, dweight, dbias = vjp(dy)``; the server holds the context until
         then (one use; the oldest contexts are evicted when too many are held).
         """
-        reply = self._forward(x, keep_for_backward=True)
-        return np.array(wire.decode(reply.output)), VJP(self, reply.backward_handle)
+        y, handle = self._forward(x, keep_for_backward=True)
+        return y, VJP(self, handle)
 
-    def _forward(self, x: Any, keep_for_backward: bool) -> pb.ForwardResponse:
+    def _forward(self, x: Any, keep_for_backward: bool) -> tuple[np.ndarray, str]:
+        """(output, backward handle), streamed in chunks when `x` is large."""
+        array = _as_input(x)
         request = pb.ForwardRequest(
             ref=self._ref, keep_for_backward=keep_for_backward, request_id=uuid.uuid4().hex
         )
-        wire.encode(_as_input(x), request.input)
+        if array.nbytes > self._client.stream_threshold:
+            sent = wire.encode_header(array, request.input)
+            chunks = wire.send(pb.ForwardChunk, request, sent)
+            header, y = self._client._stream("StreamForward", chunks, lambda h: h.output)
+            return y, header.backward_handle
+        wire.encode(array, request.input)
         reply: pb.ForwardResponse = self._client._call("Forward", request)
-        return reply
+        return np.array(wire.decode(reply.output)), reply.backward_handle
 
     # -- mode ---------------------------------------------------------------
 
@@ -200,10 +206,18 @@ class VJP:
 
     def __call__(self, dy: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Return (dx, dweight, dbias); dweight and dbias are None without affine or with freeze."""
+        client = self._module._client
+        grad = _as_input(dy)
         request = pb.BackwardRequest(ref=self._module._ref, backward_handle=self.handle)
-        wire.encode(_as_input(dy), request.grad_output)
-        reply: pb.BackwardResponse = self._module._client._call("Backward", request)
-        dx = np.array(wire.decode(reply.grad_input))
+        reply: pb.BackwardResponse
+        if grad.nbytes > client.stream_threshold:
+            sent = wire.encode_header(grad, request.grad_output)
+            chunks = wire.send(pb.BackwardChunk, request, sent)
+            reply, dx = client._stream("StreamBackward", chunks, lambda h: h.grad_input)
+        else:
+            wire.encode(grad, request.grad_output)
+            reply = client._call("Backward", request)
+            dx = np.array(wire.decode(reply.grad_input))
         if not reply.HasField("grad_weight"):
             return dx, None, None
         return dx, np.array(wire.decode(reply.grad_weight)), np.array(wire.decode(reply.grad_bias))

@@ -9,7 +9,8 @@ returns a zero-copy, read-only view of the message's bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +75,99 @@ def encode(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     msg.shape.extend(contiguous.shape)
     msg.data = contiguous.tobytes()
     return msg
+
+
+# -- chunked tensors (the streaming RPCs) -------------------------------------
+
+#: Bytes of tensor data per stream message.
+CHUNK_BYTES = 1 << 20
+
+
+def encode_header(array: np.ndarray, out: pb.Tensor) -> np.ndarray:
+    """Write `array`'s dtype and shape (no data) into `out`; return the array as sent.
+
+    The returned array is C-contiguous little-endian, ready for `chunks`.
+    """
+    name = array.dtype.name
+    if name not in FLOAT_DTYPES:
+        raise WireError(
+            f"unsupported array dtype {name!r}; expected one of {', '.join(FLOAT_DTYPES)}"
+        )
+    contiguous = np.require(array, dtype=FLOAT_DTYPES[name], requirements="C")
+    out.dtype = name
+    del out.shape[:]
+    out.shape.extend(contiguous.shape)
+    return contiguous
+
+
+def chunks(contiguous: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Consecutive `chunk_bytes` slices of a C-contiguous array's bytes (none if empty)."""
+    flat = contiguous.reshape(-1).view(np.uint8).data
+    for start in range(0, len(flat), chunk_bytes):
+        yield bytes(flat[start : start + chunk_bytes])
+
+
+class Assembler:
+    """Rebuilds a tensor from its header and data chunks, copying each byte once.
+
+    The array is allocated (virtually) from the validated header; memory is
+    touched only as data arrives. Raises WireError when the chunks add up to
+    more or fewer bytes than the header declares.
+    """
+
+    def __init__(self, header: pb.Tensor, max_bytes: int | None = None) -> None:
+        shape = tuple(header.shape)
+        np_dtype, nbytes = check_header(header.dtype, shape)
+        if max_bytes is not None and nbytes > max_bytes:
+            raise WireError(f"tensor of {nbytes} bytes is over the limit of {max_bytes} bytes")
+        self.nbytes = nbytes
+        self.received = 0
+        self._array = np.empty(shape, dtype=np_dtype)
+        self._bytes = self._array.reshape(-1).view(np.uint8)
+
+    def add(self, data: bytes) -> None:
+        end = self.received + len(data)
+        if end > self.nbytes:
+            raise WireError(
+                f"tensor chunks carry more than the {self.nbytes} bytes its header declares"
+            )
+        self._bytes[self.received : end] = np.frombuffer(data, dtype=np.uint8)
+        self.received = end
+
+    def finish(self) -> np.ndarray:
+        if self.received != self.nbytes:
+            raise WireError(
+                f"tensor chunks carry {self.received} bytes but the header declares {self.nbytes}"
+            )
+        return self._array
+
+
+def receive(
+    messages: Iterator[Any], tensor_of: Callable[[Any], pb.Tensor], max_bytes: int | None = None
+) -> tuple[Any, np.ndarray]:
+    """Read a chunk stream: (its header, the tensor its chunks carry).
+
+    `messages` are *Chunk messages with `header` (first message only) and
+    `data`; `tensor_of(header)` is the header's tensor (dtype and shape, no data).
+    """
+    first = next(messages, None)
+    if first is None or not first.HasField("header"):
+        raise WireError("a tensor stream must start with a header message")
+    header = first.header
+    declared = tensor_of(header)
+    if declared.data:
+        raise WireError("a streamed tensor's header carries dtype and shape only, not data")
+    assembler = Assembler(declared, max_bytes)
+    assembler.add(first.data)
+    for message in messages:
+        if message.HasField("header"):
+            raise WireError("only the first message of a tensor stream may carry a header")
+        assembler.add(message.data)
+    return header, assembler.finish()
+
+
+def send(chunk_type: Callable[..., Any], header: Any, contiguous: np.ndarray) -> Iterator[Any]:
+    """The messages of a chunk stream: the header, then `contiguous`'s bytes in chunks."""
+    yield chunk_type(header=header)
+    for data in chunks(contiguous):
+        yield chunk_type(data=data)

@@ -5,6 +5,7 @@ Domain errors become status codes through the one table in `bnserver.status`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from bnserver.engine import Engine
@@ -16,7 +17,7 @@ from bnserver.protocol import (
     state_from_pb,
     state_to_pb,
 )
-from bnserver.status import call_context, rpc
+from bnserver.status import call_context, rpc, rpc_stream
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
@@ -71,6 +72,30 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
             wire.encode(grads.grad_weight, reply.grad_weight)
             wire.encode(grads.grad_bias, reply.grad_bias)
         return reply
+
+    @rpc_stream
+    def StreamForward(
+        self, request_iterator: Iterator[pb.ForwardChunk], context: Any
+    ) -> Iterator[pb.ForwardReplyChunk]:
+        request, x = wire.receive(request_iterator, lambda h: h.input)
+        key = key_from_pb(request.ref)
+        y, handle = self.engine.forward(key, x, request.keep_for_backward, call_context(context))
+        reply = pb.ForwardResponse(backward_handle=handle)
+        yield from wire.send(pb.ForwardReplyChunk, reply, wire.encode_header(y, reply.output))
+
+    @rpc_stream
+    def StreamBackward(
+        self, request_iterator: Iterator[pb.BackwardChunk], context: Any
+    ) -> Iterator[pb.BackwardReplyChunk]:
+        request, dy = wire.receive(request_iterator, lambda h: h.grad_output)
+        key = key_from_pb(request.ref)
+        grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
+        reply = pb.BackwardResponse()
+        if grads.grad_weight is not None and grads.grad_bias is not None:
+            wire.encode(grads.grad_weight, reply.grad_weight)
+            wire.encode(grads.grad_bias, reply.grad_bias)
+        dx = wire.encode_header(grads.grad_input, reply.grad_input)
+        yield from wire.send(pb.BackwardReplyChunk, reply, dx)
 
     @rpc
     def SetTraining(self, request: pb.SetTrainingRequest, context: Any) -> pb.ModuleInfo:

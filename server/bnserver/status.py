@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -52,6 +52,14 @@ def error_for(code: grpc.StatusCode, message: str) -> errors.ServiceError:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    """End the call with the status mapped from `exc` (logging unexpected errors)."""
+    code, message = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    context.abort(code, message)
+
+
 def rpc(method: F) -> F:
     """Wrap a servicer method so every exception ends the call with its mapped status."""
 
@@ -60,10 +68,20 @@ def rpc(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            context.abort(code, message)
+            _abort(context, exc, method.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def rpc_stream(method: F) -> F:
+    """`rpc` for servicer methods that return a stream (generators)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]
 

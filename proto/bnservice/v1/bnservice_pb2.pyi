@@ -609,6 +609,115 @@ class ResetRequest(_message.Message):
 Global___ResetRequest: _TypeAlias = ResetRequest  # noqa: Y015
 
 @_typing.final
+class ForwardChunk(_message.Message):
+    """Streams carry tensors of any size (gRPC refuses messages of 2 GiB or more).
+    The first message holds the header: the unary message with its large
+    tensor's dtype and shape but no data. Every message may carry the next
+    slice of that tensor's bytes in `data`; the slices add up exactly to
+    prod(shape) * itemsize bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___ForwardRequest:
+        """first message only; header.input without data"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ForwardRequest | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardChunk: _TypeAlias = ForwardChunk  # noqa: Y015
+
+@_typing.final
+class ForwardReplyChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___ForwardResponse:
+        """first message only; header.output without data"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ForwardResponse | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardReplyChunk: _TypeAlias = ForwardReplyChunk  # noqa: Y015
+
+@_typing.final
+class BackwardChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___BackwardRequest:
+        """first message only; header.grad_output without data"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___BackwardRequest | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackwardChunk: _TypeAlias = BackwardChunk  # noqa: Y015
+
+@_typing.final
+class BackwardReplyChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___BackwardResponse:
+        """First message only; header.grad_input without data (grad_weight and
+        grad_bias, which are small, complete).
+        """
+
+    def __init__(
+        self,
+        *,
+        header: Global___BackwardResponse | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackwardReplyChunk: _TypeAlias = BackwardReplyChunk  # noqa: Y015
+
+@_typing.final
 class RoundRef(_message.Message):
     """Identifies the rounds a contribution can join."""
 

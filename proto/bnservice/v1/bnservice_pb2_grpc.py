@@ -64,6 +64,16 @@ class BatchNormServiceStub:
                 request_serializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.StreamForward = channel.stream_stream(
+                '/bnservice.v1.BatchNormService/StreamForward',
+                request_serializer=bnservice_dot_v1_dot_bnservice__pb2.ForwardChunk.SerializeToString,
+                response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ForwardReplyChunk.FromString,
+                _registered_method=True)
+        self.StreamBackward = channel.stream_stream(
+                '/bnservice.v1.BatchNormService/StreamBackward',
+                request_serializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardChunk.SerializeToString,
+                response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardReplyChunk.FromString,
+                _registered_method=True)
         self.SetTraining = channel.unary_unary(
                 '/bnservice.v1.BatchNormService/SetTraining',
                 request_serializer=bnservice_dot_v1_dot_bnservice__pb2.SetTrainingRequest.SerializeToString,
@@ -132,6 +142,19 @@ class BatchNormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamForward(self, request_iterator, context):
+        """Forward and Backward for large tensors, in chunks both ways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBackward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetTraining(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -194,6 +217,16 @@ def add_BatchNormServiceServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardRequest.FromString,
                     response_serializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardResponse.SerializeToString,
+            ),
+            'StreamForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamForward,
+                    request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ForwardChunk.FromString,
+                    response_serializer=bnservice_dot_v1_dot_bnservice__pb2.ForwardReplyChunk.SerializeToString,
+            ),
+            'StreamBackward': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBackward,
+                    request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardChunk.FromString,
+                    response_serializer=bnservice_dot_v1_dot_bnservice__pb2.BackwardReplyChunk.SerializeToString,
             ),
             'SetTraining': grpc.unary_unary_rpc_method_handler(
                     servicer.SetTraining,
@@ -383,6 +416,60 @@ class BatchNormService:
             '/bnservice.v1.BatchNormService/Backward',
             bnservice_dot_v1_dot_bnservice__pb2.BackwardRequest.SerializeToString,
             bnservice_dot_v1_dot_bnservice__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bnservice.v1.BatchNormService/StreamForward',
+            bnservice_dot_v1_dot_bnservice__pb2.ForwardChunk.SerializeToString,
+            bnservice_dot_v1_dot_bnservice__pb2.ForwardReplyChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBackward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bnservice.v1.BatchNormService/StreamBackward',
+            bnservice_dot_v1_dot_bnservice__pb2.BackwardChunk.SerializeToString,
+            bnservice_dot_v1_dot_bnservice__pb2.BackwardReplyChunk.FromString,
             options,
             channel_credentials,
             insecure,

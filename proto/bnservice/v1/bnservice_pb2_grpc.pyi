@@ -46,6 +46,9 @@ class BatchNormServiceStub:
     DeleteModule: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.DeleteModuleRequest, _bnservice_pb2.DeleteModuleResponse]
     Forward: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.ForwardRequest, _bnservice_pb2.ForwardResponse]
     Backward: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.BackwardRequest, _bnservice_pb2.BackwardResponse]
+    StreamForward: _grpc.StreamStreamMultiCallable[_bnservice_pb2.ForwardChunk, _bnservice_pb2.ForwardReplyChunk]
+    """Forward and Backward for large tensors, in chunks both ways."""
+    StreamBackward: _grpc.StreamStreamMultiCallable[_bnservice_pb2.BackwardChunk, _bnservice_pb2.BackwardReplyChunk]
     SetTraining: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.SetTrainingRequest, _bnservice_pb2.ModuleInfo]
     GetState: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.GetStateRequest, _bnservice_pb2.ModuleState]
     LoadState: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.LoadStateRequest, _bnservice_pb2.ModuleInfo]
@@ -64,6 +67,9 @@ class BatchNormServiceAsyncStub(BatchNormServiceStub):
     DeleteModule: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.DeleteModuleRequest, _bnservice_pb2.DeleteModuleResponse]  # type: ignore[assignment]
     Forward: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.ForwardRequest, _bnservice_pb2.ForwardResponse]  # type: ignore[assignment]
     Backward: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.BackwardRequest, _bnservice_pb2.BackwardResponse]  # type: ignore[assignment]
+    StreamForward: _aio.StreamStreamMultiCallable[_bnservice_pb2.ForwardChunk, _bnservice_pb2.ForwardReplyChunk]  # type: ignore[assignment]
+    """Forward and Backward for large tensors, in chunks both ways."""
+    StreamBackward: _aio.StreamStreamMultiCallable[_bnservice_pb2.BackwardChunk, _bnservice_pb2.BackwardReplyChunk]  # type: ignore[assignment]
     SetTraining: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.SetTrainingRequest, _bnservice_pb2.ModuleInfo]  # type: ignore[assignment]
     GetState: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.GetStateRequest, _bnservice_pb2.ModuleState]  # type: ignore[assignment]
     LoadState: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.LoadStateRequest, _bnservice_pb2.ModuleInfo]  # type: ignore[assignment]
@@ -115,6 +121,21 @@ class BatchNormServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bnservice_pb2.BackwardRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bnservice_pb2.BackwardResponse, _abc.Awaitable[_bnservice_pb2.BackwardResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamForward(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bnservice_pb2.ForwardChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bnservice_pb2.ForwardReplyChunk], _abc.AsyncIterator[_bnservice_pb2.ForwardReplyChunk]]:
+        """Forward and Backward for large tensors, in chunks both ways."""
+
+    @_abc_1.abstractmethod
+    def StreamBackward(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bnservice_pb2.BackwardChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bnservice_pb2.BackwardReplyChunk], _abc.AsyncIterator[_bnservice_pb2.BackwardReplyChunk]]: ...
 
     @_abc_1.abstractmethod
     def SetTraining(
