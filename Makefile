@@ -41,5 +41,4 @@ clean:
 ## Benchmarks: ratios against peers measured in the same run (installs torch for the peer).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python -m bench.kernel
-	$(BIN)/python -m bench.roundtrip
+	$(BIN)/python -m bench.run

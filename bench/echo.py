@@ -62,8 +62,13 @@ class EchoClient:
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address, options=_OPTIONS)
-        self.unary = self.channel.unary_unary(UNARY)
-        self.stream = self.channel.stream_stream(STREAM)
+        # No serializers: requests and replies are raw bytes.
+        self.unary = self.channel.unary_unary(
+            UNARY, request_serializer=None, response_deserializer=None
+        )
+        self.stream = self.channel.stream_stream(
+            STREAM, request_serializer=None, response_deserializer=None
+        )
 
     def echo_chunks(self, chunks: list[bytes]) -> int:
         """Stream `chunks` and read them all back; return the bytes received."""

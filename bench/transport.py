@@ -56,31 +56,29 @@ def _data(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(0).random(shape, dtype=np.float32) * 4 + 1
 
 
+def round_trip_row(client: Client, echo: EchoClient, label: str) -> list[str]:
+    """Our remote training forward vs echoing the same bytes plus the local kernel."""
+    shape = ROUND_TRIPS[label]
+    x = _data(shape)
+    repeat = 3 if x.nbytes >= GiB else 10
+    bn = client.batch_norm_2d(f"bench.rt.{label}", shape[1])
+    local = BatchNorm(ModuleConfig(Kind.BATCH_NORM_2D, shape[1]))
+    ours = median_seconds(lambda: bn(x), repeat=repeat, warmup=1)
+    echo_t = median_seconds(lambda: echo.echo_chunks(list(wire.chunks(x))), repeat=repeat, warmup=1)
+    kernel = median_seconds(lambda: local.forward(x), repeat=repeat, warmup=1)
+    client.delete_module(f"bench.rt.{label}")
+    return [
+        f"remote train forward, {label} {shape}",
+        f"{ours * 1e3:.1f} ms",
+        f"echo {echo_t * 1e3:.1f} + kernel {kernel * 1e3:.1f} ms",
+        f"{ours / (echo_t + kernel):.2f}x",
+    ]
+
+
 def round_trip_rows(server: str, echo: str, names: list[str]) -> list[list[str]]:
-    rows = []
     echo_client = EchoClient(echo)
     with Client(server) as client:
-        for label in names:
-            shape = ROUND_TRIPS[label]
-            x = _data(shape)
-            repeat = 3 if x.nbytes >= GiB else 10
-            bn = client.batch_norm_2d(f"bench.rt.{label}", shape[1])
-            local = BatchNorm(ModuleConfig(Kind.BATCH_NORM_2D, shape[1]))
-            ours = median_seconds(lambda: bn(x), repeat=repeat, warmup=1)
-            echo_t = median_seconds(
-                lambda: echo_client.echo_chunks(list(wire.chunks(x))), repeat=repeat, warmup=1
-            )
-            kernel = median_seconds(lambda: local.forward(x), repeat=repeat, warmup=1)
-            client.delete_module(f"bench.rt.{label}")
-            rows.append(
-                [
-                    f"remote train forward, {label} {shape}",
-                    f"{ours * 1e3:.1f} ms",
-                    f"echo {echo_t * 1e3:.1f} + kernel {kernel * 1e3:.1f} ms",
-                    f"{ours / (echo_t + kernel):.2f}x",
-                ]
-            )
-            del x
+        rows = [round_trip_row(client, echo_client, label) for label in names]
     echo_client.close()
     return rows
 
