@@ -107,6 +107,10 @@ def chunks(contiguous: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[b
         yield bytes(flat[start : start + chunk_bytes])
 
 
+#: Called with a declared (shape, byte size) before anything is allocated; raises to refuse.
+SizeCheck = Callable[[tuple[int, ...], int], None]
+
+
 class Assembler:
     """Rebuilds a tensor from its header and data chunks, copying each byte once.
 
@@ -115,11 +119,11 @@ class Assembler:
     more or fewer bytes than the header declares.
     """
 
-    def __init__(self, header: pb.Tensor, max_bytes: int | None = None) -> None:
+    def __init__(self, header: pb.Tensor, check_size: SizeCheck | None = None) -> None:
         shape = tuple(header.shape)
         np_dtype, nbytes = check_header(header.dtype, shape)
-        if max_bytes is not None and nbytes > max_bytes:
-            raise WireError(f"tensor of {nbytes} bytes is over the limit of {max_bytes} bytes")
+        if check_size is not None:
+            check_size(shape, nbytes)
         self.nbytes = nbytes
         self.received = 0
         self._array = np.empty(shape, dtype=np_dtype)
@@ -143,7 +147,9 @@ class Assembler:
 
 
 def receive(
-    messages: Iterator[Any], tensor_of: Callable[[Any], pb.Tensor], max_bytes: int | None = None
+    messages: Iterator[Any],
+    tensor_of: Callable[[Any], pb.Tensor],
+    check_size: SizeCheck | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Read a chunk stream: (its header, the tensor its chunks carry).
 
@@ -157,7 +163,7 @@ def receive(
     declared = tensor_of(header)
     if declared.data:
         raise WireError("a streamed tensor's header carries dtype and shape only, not data")
-    assembler = Assembler(declared, max_bytes)
+    assembler = Assembler(declared, check_size)
     assembler.add(first.data)
     for message in messages:
         if message.HasField("header"):

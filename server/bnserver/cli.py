@@ -9,7 +9,9 @@ bnserver health [--address HOST:PORT]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,11 +22,12 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bnserver.auth import Tokens
 from bnserver.coordinator import Coordinator
 from bnserver.coordinator_service import RemoteCoordinator
 from bnserver.engine import Engine
-from bnserver.handles import BackwardStore
-from bnserver.persistence import StateDir
+from bnserver.limits import Limits
+from bnserver.persistence import Durability, Persister, StateDir
 from bnserver.server import create_server
 
 log = logging.getLogger("bnserver")
@@ -62,17 +65,40 @@ def _run_until_signal(
     server.stop(grace=grace).wait()
 
 
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+
+
+def _tokens(args: argparse.Namespace) -> Tokens | None:
+    return Tokens.load(args.auth_file) if args.auth_file else None
+
+
+def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("bnserver: --tls-cert and --tls-key go together")
+    pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+    return grpc.ssl_server_credentials([pair])
+
+
 def serve(args: argparse.Namespace) -> int:
-    state = StateDir(args.state_dir)
     coordinator = None
     if args.coordinator:
+        ca = Path(args.coordinator_ca).read_bytes() if args.coordinator_ca else None
         reducer: Coordinator | RemoteCoordinator = RemoteCoordinator(
-            args.coordinator, args.sync_timeout
+            args.coordinator,
+            args.sync_timeout,
+            credentials=grpc.ssl_channel_credentials(ca) if ca else None,
+            token=os.environ.get("BNSERVER_COORDINATOR_TOKEN"),
         )
     else:
-        reducer = coordinator = Coordinator(args.sync_timeout)
-    engine = Engine(BackwardStore(args.max_backward_handles, args.max_backward_bytes), reducer)
-    restored = state.load_into(engine.registry)
+        reducer = coordinator = Coordinator(args.sync_timeout, args.max_rounds)
+    engine = Engine(reducer, _limits(args))
+    state = StateDir(args.state_dir, engine.registry)
+    restored = state.load()
+    persister = Persister(state, args.snapshot_interval, Durability(args.durability))
+    engine.persistence = persister
     health_servicer = health.HealthServicer()
     server, port = create_server(
         f"{args.host}:{args.port}",
@@ -80,11 +106,13 @@ def serve(args: argparse.Namespace) -> int:
         coordinator,
         max_workers=args.max_workers,
         health_servicer=health_servicer,
+        tokens=_tokens(args),
+        credentials=_server_credentials(args),
     )
     where = f"coordinator {args.coordinator}" if args.coordinator else "embedded coordinator"
     log.info("restored %d module(s) from %s; %s", restored, args.state_dir, where)
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
-    saved = state.save_all(engine.registry)
+    saved = persister.close()
     log.info("saved %d module(s) to %s; bye", saved, args.state_dir)
     return 0
 
@@ -93,9 +121,11 @@ def coordinator(args: argparse.Namespace) -> int:
     health_servicer = health.HealthServicer()
     server, port = create_server(
         f"{args.host}:{args.port}",
-        coordinator=Coordinator(args.sync_timeout),
+        coordinator=Coordinator(args.sync_timeout, args.max_rounds),
         max_workers=args.max_workers,
         health_servicer=health_servicer,
+        tokens=_tokens(args),
+        credentials=_server_credentials(args),
     )
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
     log.info("coordinator stopped")
@@ -117,7 +147,12 @@ def up(args: argparse.Namespace) -> int:
 
 def check_health(args: argparse.Namespace) -> int:
     """Exit 0 when the service at --address answers SERVING (for container health checks)."""
-    with grpc.insecure_channel(args.address) as channel:
+    if args.ca:
+        creds = grpc.ssl_channel_credentials(Path(args.ca).read_bytes())
+        channel = grpc.secure_channel(args.address, creds)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -146,6 +181,12 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown"
     )
+    p.add_argument(
+        "--max-rounds", type=int, default=4096, help="sync rounds the coordinator holds at once"
+    )
+    p.add_argument("--auth-file", type=Path, help="'TENANT TOKEN' lines; calls need a token")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,10 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="use this coordinator instead of the embedded one",
     )
-    s.add_argument("--max-backward-handles", type=int, default=64, help="backward handles held")
     s.add_argument(
-        "--max-backward-bytes", type=int, default=2 << 30, help="bytes held for backward"
+        "--coordinator-ca", metavar="FILE", help="PEM root certificate of a TLS coordinator"
     )
+    s.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=1.0,
+        help="seconds between writes of running statistics (default 1)",
+    )
+    s.add_argument(
+        "--durability",
+        choices=[d.value for d in Durability],
+        default=Durability.SNAPSHOT.value,
+        help="'always': every training forward is on disk before it is answered",
+    )
+    defaults = Limits()
+    for field in dataclasses.fields(Limits):
+        s.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int,
+            default=getattr(defaults, field.name),
+            help=f"limit (default {getattr(defaults, field.name)})",
+        )
     _add_server_limits(s)
     s.set_defaults(func=serve)
 
@@ -195,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--address", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}")
     h.add_argument("--service", default="", help="service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=3.0)
+    h.add_argument("--ca", metavar="FILE", help="PEM root certificate of a TLS server")
     h.set_defaults(func=check_health)
     return parser
 

@@ -27,9 +27,6 @@ _INPUT_NDIMS = {
     Kind.SYNC_BATCH_NORM: (2, 3, 4),
 }
 
-#: Largest num_features accepted (state is 4 float32 vectors of this length).
-MAX_NUM_FEATURES = 1 << 20
-
 
 @dataclass(frozen=True)
 class SyncSpec:
@@ -60,10 +57,8 @@ class ModuleConfig:
 
     def validate(self) -> ModuleConfig:
         """Return self, or raise InvalidArgument naming the first bad field."""
-        if not 0 < self.num_features <= MAX_NUM_FEATURES:
-            raise InvalidArgument(
-                f"num_features must be in 1..{MAX_NUM_FEATURES}, got {self.num_features}"
-            )
+        if self.num_features <= 0:
+            raise InvalidArgument(f"num_features must be > 0, got {self.num_features}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise InvalidArgument(f"eps must be a finite number > 0, got {self.eps}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum <= 1):

@@ -84,13 +84,20 @@ class RemoteCoordinator:
     """A `bnserver.sync.Reducer` backed by a coordinator at `target` ("host:port").
 
     timeout: the coordinator's round timeout; calls wait a margin longer.
+    credentials: TLS channel credentials when the coordinator speaks TLS.
+    token: bearer token when the coordinator requires one.
     """
 
     def __init__(
-        self, target: str, timeout: float = 30.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        timeout: float = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=_OPTIONS)
         else:
@@ -127,7 +134,7 @@ class RemoteCoordinator:
         remaining = None if call is None else call.remaining()
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.0))
-        future = self._stub.Reduce.future(request, timeout=timeout)
+        future = self._stub.Reduce.future(request, timeout=timeout, metadata=self._metadata)
         if call is not None:
             while not future.done():
                 if call.cancelled.wait(Coordinator.POLL_SECONDS):
@@ -145,7 +152,7 @@ class RemoteCoordinator:
         )
         # Best effort: if the abort is lost, the peers still time out.
         with contextlib.suppress(grpc.RpcError):
-            self._stub.Abort(request, timeout=DEADLINE_MARGIN)
+            self._stub.Abort(request, timeout=DEADLINE_MARGIN, metadata=self._metadata)
 
     @staticmethod
     def _round_ref(key: RoundKey) -> pb.RoundRef:

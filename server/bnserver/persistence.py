@@ -1,9 +1,10 @@
 """Module state on disk: one file per module under the state directory.
 
-Each module is an .npz holding its config (JSON), training flag and state
-arrays. Files are written atomically (temporary file, fsync, rename), so a
-crash never leaves a torn file; a file that cannot be read at start-up is
-reported and moved aside into `corrupt/`, never silently dropped.
+Each module is an .npz holding its key, config (JSON), training flag and state
+arrays. Files are written atomically (temporary file, fsync, rename, fsync of
+the directory), so a crash never leaves a torn file; a file that cannot be
+read at start-up is reported and moved aside into `corrupt/`, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import io
 import json
 import logging
 import os
+import threading
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ FORMAT_VERSION = 1
 
 
 def _file_name(key: ModuleKey) -> str:
-    digest = hashlib.sha256(f"{key.rank}:{key.name}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{key.tenant}\0{key.rank}\0{key.name}".encode()).hexdigest()[:32]
     return f"module-{digest}.npz"
 
 
@@ -53,7 +56,12 @@ def _atomic_write(path: Path, payload: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -61,48 +69,69 @@ def _atomic_write(path: Path, payload: bytes) -> None:
 
 
 class StateDir:
-    """Saves and loads the modules of a Registry under `root`."""
+    """Saves and loads the modules of a Registry under `root`, one file per module.
 
-    def __init__(self, root: Path) -> None:
+    Writes of one module are serialized, and a module that is no longer the
+    registry's (deleted, or replaced by a new one of that name) is never
+    written, so a late snapshot cannot resurrect a deleted module.
+    """
+
+    def __init__(self, root: Path, registry: Registry) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
+        self._locks_lock = threading.Lock()
+        self._locks: dict[ModuleKey, threading.Lock] = {}
+
+    def _lock_for(self, key: ModuleKey) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(key, threading.Lock())
 
     def save_module(self, key: ModuleKey, module: BatchNorm) -> None:
-        meta = {
-            "version": FORMAT_VERSION,
-            "name": key.name,
-            "rank": key.rank,
-            "config": _config_to_json(module.config),
-            "training": module.training,
-        }
-        arrays = {k: v.reshape(-1) for k, v in module.state_dict().items()}
-        buf = io.BytesIO()
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        _atomic_write(self.root / _file_name(key), buf.getvalue())
+        """Write `module` atomically, if it is still the registry's module under `key`."""
+        with self._lock_for(key):
+            if not self.registry.holds(key, module):
+                return
+            meta = {
+                "version": FORMAT_VERSION,
+                "name": key.name,
+                "rank": key.rank,
+                "tenant": key.tenant,
+                "config": _config_to_json(module.config),
+                "training": module.training,
+            }
+            arrays = {k: v.reshape(-1) for k, v in module.state_dict().items()}
+            arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)  # type: ignore[arg-type]
+            _atomic_write(self.root / _file_name(key), buf.getvalue())
 
     def remove_module(self, key: ModuleKey) -> None:
-        (self.root / _file_name(key)).unlink(missing_ok=True)
+        """Delete the file of a module that the registry no longer holds."""
+        with self._lock_for(key):
+            path = self.root / _file_name(key)
+            if path.exists():
+                path.unlink()
+                _fsync_dir(self.root)
 
-    def save_all(self, registry: Registry) -> int:
+    def save_all(self) -> int:
         """Write every module and remove files of modules that are gone; return the count."""
-        items = registry.items()
-        keep = set()
+        items = self.registry.items()
         for key, module in items:
             self.save_module(key, module)
-            keep.add(_file_name(key))
+        keep = {_file_name(key) for key, _ in items}
         for path in self.root.glob("module-*.npz"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
         return len(items)
 
-    def load_into(self, registry: Registry) -> int:
+    def load(self) -> int:
         """Restore every readable module file; set unreadable ones aside. Return the count."""
         loaded = 0
         for path in sorted(self.root.glob("module-*.npz")):
             try:
-                key, config, state, training = self._load(path)
-                registry.restore(key, config, state, training)
+                key, config, state, training = self._read(path)
+                self.registry.restore(key, config, state, training)
             except Exception as exc:
                 aside = self.root / "corrupt"
                 aside.mkdir(exist_ok=True)
@@ -113,11 +142,76 @@ class StateDir:
         return loaded
 
     @staticmethod
-    def _load(path: Path) -> tuple[ModuleKey, ModuleConfig, dict[str, np.ndarray], bool]:
+    def _read(path: Path) -> tuple[ModuleKey, ModuleConfig, dict[str, np.ndarray], bool]:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["meta"].tobytes().decode())
             if meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown format version {meta.get('version')!r}")
-            key = ModuleKey(str(meta["name"]), int(meta["rank"]))
+            key = ModuleKey(str(meta["name"]), int(meta["rank"]), str(meta.get("tenant", "")))
             state = {k: data[k] for k in STATE_KEYS if k in data.files}
             return key, _config_from_json(meta["config"]), state, bool(meta["training"])
+
+
+class Durability(Enum):
+    """When a training forward's running-stats update reaches the disk."""
+
+    SNAPSHOT = "snapshot"  # within --snapshot-interval seconds
+    ALWAYS = "always"  # before the call is answered
+
+
+class Persister:
+    """Keeps the state directory in step with the modules (the engine's `Persistence`).
+
+    Creates, deletes, state loads, resets and mode changes are written before
+    the call is answered. Running statistics changed by training forwards are
+    written by a background snapshot every `interval` seconds, or before the
+    call is answered with Durability.ALWAYS.
+    """
+
+    def __init__(
+        self, state: StateDir, interval: float = 1.0, durability: Durability = Durability.SNAPSHOT
+    ) -> None:
+        self.state = state
+        self.interval = interval
+        self.durability = durability
+        self._dirty: dict[ModuleKey, BatchNorm] = {}
+        self._dirty_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bnserver-snapshot", daemon=True)
+        self._thread.start()
+
+    def changed(self, key: ModuleKey, module: BatchNorm) -> None:
+        self.state.save_module(key, module)
+
+    def trained(self, key: ModuleKey, module: BatchNorm) -> None:
+        if self.durability is Durability.ALWAYS:
+            self.state.save_module(key, module)
+        else:
+            with self._dirty_lock:
+                self._dirty[key] = module
+
+    def deleted(self, key: ModuleKey) -> None:
+        with self._dirty_lock:
+            self._dirty.pop(key, None)
+        self.state.remove_module(key)
+
+    def snapshot(self) -> int:
+        """Write the modules trained since the last snapshot; return how many."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, {}
+        for key, module in dirty.items():
+            self.state.save_module(key, module)
+        return len(dirty)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.snapshot()
+            except Exception:
+                log.exception("snapshot failed; retrying in %s s", self.interval)
+
+    def close(self) -> int:
+        """Stop snapshotting and write every module; return the count."""
+        self._stop.set()
+        self._thread.join()
+        return self.state.save_all()

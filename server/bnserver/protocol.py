@@ -9,6 +9,7 @@ import numpy as np
 from bnserver.config import Kind, ModuleConfig, SyncSpec
 from bnserver.engine import ModuleInfo
 from bnserver.errors import InvalidArgument
+from bnserver.limits import Limits
 from bnserver.modules import STATE_KEYS
 from bnserver.registry import ModuleKey
 from bnservice import wire
@@ -28,8 +29,8 @@ _EPS_MODES = {
 _EPS_MODE_CODES = {"additive": pb.EPS_MODE_ADDITIVE, "max": pb.EPS_MODE_MAX}
 
 
-def key_from_pb(ref: pb.ModuleRef) -> ModuleKey:
-    return ModuleKey(ref.name, ref.rank)
+def key_from_pb(ref: pb.ModuleRef, tenant: str = "") -> ModuleKey:
+    return ModuleKey(ref.name, ref.rank, tenant)
 
 
 def key_to_pb(key: ModuleKey, out: pb.ModuleRef) -> None:
@@ -97,9 +98,12 @@ def state_from_pb(msg: pb.ModuleState) -> dict[str, np.ndarray]:
     return {key: decode(getattr(msg, key)) for key in STATE_KEYS if msg.HasField(key)}  # type: ignore[arg-type]
 
 
-def decode(tensor: pb.Tensor) -> np.ndarray:
-    """wire.decode with its errors reported as InvalidArgument."""
+def decode(tensor: pb.Tensor, limits: Limits | None = None) -> np.ndarray:
+    """wire.decode (malformed: InvalidArgument), then the size limits (ResourceExhausted)."""
     try:
-        return wire.decode(tensor)
+        array = wire.decode(tensor)
     except wire.WireError as exc:
         raise InvalidArgument(str(exc)) from None
+    if limits is not None:
+        limits.check_tensor(array.shape, array.nbytes)
+    return array

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnserver.config import ModuleConfig
-from bnserver.errors import AlreadyExists, InvalidArgument, NotFound
+from bnserver.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from bnserver.modules import BatchNorm
 
 #: Longest module name accepted, in characters.
@@ -18,10 +18,12 @@ MAX_NAME_LENGTH = 256
 
 @dataclass(frozen=True, order=True)
 class ModuleKey:
-    """Where a module lives: its name and, for SyncBatchNorm ranks sharing a name, its rank."""
+    """Where a module lives: its name, its rank (SyncBatchNorm ranks may share a name)
+    and its tenant (each tenant has a namespace of its own; "" without auth)."""
 
     name: str
     rank: int = 0
+    tenant: str = ""
 
     def __str__(self) -> str:
         return self.name if self.rank == 0 else f"{self.name} (rank {self.rank})"
@@ -53,15 +55,16 @@ class Registry:
     name and a coordinator, which the engine supplies).
     """
 
-    def __init__(self, factory: ModuleFactory = plain_modules) -> None:
+    def __init__(self, factory: ModuleFactory = plain_modules, max_modules: int = 10_000) -> None:
         self._lock = threading.Lock()
         self._modules: dict[ModuleKey, BatchNorm] = {}
         self.factory = factory
+        self.max_modules = max_modules
 
-    def key_for(self, name: str, config: ModuleConfig) -> ModuleKey:
+    def key_for(self, name: str, config: ModuleConfig, tenant: str = "") -> ModuleKey:
         """The key a module of `config` named `name` lives under."""
         check_name(name)
-        return ModuleKey(name, config.sync.rank if config.sync is not None else 0)
+        return ModuleKey(name, config.sync.rank if config.sync is not None else 0, tenant)
 
     def get_or_create(self, key: ModuleKey, config: ModuleConfig) -> tuple[BatchNorm, bool]:
         """The module under `key`, created from `config` if absent; and whether it was created.
@@ -72,6 +75,10 @@ class Registry:
         with self._lock:
             module = self._modules.get(key)
             if module is None:
+                if sum(1 for k in self._modules if k.tenant == key.tenant) >= self.max_modules:
+                    raise ResourceExhausted(
+                        f"a tenant may hold at most {self.max_modules} modules (--max-modules)"
+                    )
                 module = self._modules[key] = self.factory(key, config)
                 return module, True
         if module.config != config:
@@ -96,10 +103,16 @@ class Registry:
             raise NotFound(f"no module named {str(key)[:300]!r}")
         return module
 
-    def items(self) -> list[tuple[ModuleKey, BatchNorm]]:
-        """A sorted snapshot of (key, module) pairs."""
+    def items(self, tenant: str | None = None) -> list[tuple[ModuleKey, BatchNorm]]:
+        """A sorted snapshot of (key, module) pairs, of one tenant or of all."""
         with self._lock:
-            return sorted(self._modules.items(), key=lambda kv: kv[0])
+            pairs = [kv for kv in self._modules.items() if tenant in (None, kv[0].tenant)]
+        return sorted(pairs, key=lambda kv: kv[0])
+
+    def holds(self, key: ModuleKey, module: BatchNorm) -> bool:
+        """Whether `module` is (still) the module under `key`."""
+        with self._lock:
+            return self._modules.get(key) is module
 
     def restore(
         self,

@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bnserver.auth import Authenticator, AuthInterceptor, Tokens
 from bnserver.coordinator import Coordinator
 from bnserver.coordinator_service import CoordinatorServicer
 from bnserver.engine import Engine
@@ -30,26 +31,34 @@ def create_server(
     *,
     max_workers: int = 64,
     health_servicer: health.HealthServicer | None = None,
+    tokens: Tokens | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
     """A not-yet-started server bound to `address`, and the port it bound (port 0: any).
 
     Serves the BatchNorm service over `engine` and/or the coordinator service
     over `coordinator`, plus health (SERVING once started) and reflection.
-    Each sync call waiting for its peers holds a worker thread, hence the
-    generous `max_workers`.
+    With `tokens` every call but health checks needs a bearer token; with
+    `credentials` the port speaks TLS. Each sync call waiting for its peers
+    holds a worker thread, hence the generous `max_workers`.
     """
     if engine is None and coordinator is None:
         raise ValueError("a server needs an engine, a coordinator or both")
+    max_message = MAX_MESSAGE_BYTES
+    if engine is not None:
+        max_message = min(max_message, engine.limits.max_request_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
+        interceptors=[AuthInterceptor(tokens)] if tokens is not None else [],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
     services = []
     if engine is not None:
-        pb_grpc.add_BatchNormServiceServicer_to_server(BatchNormServicer(engine), server)
+        servicer = BatchNormServicer(engine, Authenticator(tokens))
+        pb_grpc.add_BatchNormServiceServicer_to_server(servicer, server)
         services.append(BATCH_NORM_SERVICE)
     if coordinator is not None:
         pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
@@ -61,7 +70,10 @@ def create_server(
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     return server, port

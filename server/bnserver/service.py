@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from bnserver.auth import Authenticator
 from bnserver.engine import Engine
 from bnserver.protocol import (
     config_from_pb,
@@ -17,6 +18,7 @@ from bnserver.protocol import (
     state_from_pb,
     state_to_pb,
 )
+from bnserver.registry import ModuleKey
 from bnserver.status import call_context, rpc, rpc_stream
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
@@ -26,22 +28,28 @@ from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     """Thin shell over an Engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator | None = None) -> None:
         self.engine = engine
+        self.limits = engine.limits
+        self.auth = auth if auth is not None else Authenticator()
+
+    def _key(self, ref: pb.ModuleRef, context: Any) -> ModuleKey:
+        """The module a request names, in the namespace of the caller's tenant."""
+        return key_from_pb(ref, self.auth.tenant(context))
 
     @rpc
     def CreateModule(self, request: pb.CreateModuleRequest, context: Any) -> pb.ModuleInfo:
         config = config_from_pb(request.config)
-        return info_to_pb(self.engine.create(key_from_pb(request.ref), config))
+        return info_to_pb(self.engine.create(self._key(request.ref, context), config))
 
     @rpc
     def GetModule(self, request: pb.GetModuleRequest, context: Any) -> pb.ModuleInfo:
-        return info_to_pb(self.engine.get(key_from_pb(request.ref)))
+        return info_to_pb(self.engine.get(self._key(request.ref, context)))
 
     @rpc
     def ListModules(self, request: pb.ListModulesRequest, context: Any) -> pb.ListModulesResponse:
         reply = pb.ListModulesResponse()
-        for info in self.engine.list():
+        for info in self.engine.list(self.auth.tenant(context)):
             info_to_pb(info, reply.modules.add())
         return reply
 
@@ -49,13 +57,13 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def DeleteModule(
         self, request: pb.DeleteModuleRequest, context: Any
     ) -> pb.DeleteModuleResponse:
-        self.engine.delete(key_from_pb(request.ref))
+        self.engine.delete(self._key(request.ref, context))
         return pb.DeleteModuleResponse()
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
-        x = decode(request.input)
-        key = key_from_pb(request.ref)
+        x = decode(request.input, self.limits)
+        key = self._key(request.ref, context)
         y, handle = self.engine.forward(key, x, request.keep_for_backward, call_context(context))
         reply = pb.ForwardResponse(backward_handle=handle)
         wire.encode(y, reply.output)
@@ -63,8 +71,8 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
 
     @rpc
     def Backward(self, request: pb.BackwardRequest, context: Any) -> pb.BackwardResponse:
-        dy = decode(request.grad_output)
-        key = key_from_pb(request.ref)
+        dy = decode(request.grad_output, self.limits)
+        key = self._key(request.ref, context)
         grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
         reply = pb.BackwardResponse()
         wire.encode(grads.grad_input, reply.grad_input)
@@ -77,8 +85,8 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def StreamForward(
         self, request_iterator: Iterator[pb.ForwardChunk], context: Any
     ) -> Iterator[pb.ForwardReplyChunk]:
-        request, x = wire.receive(request_iterator, lambda h: h.input)
-        key = key_from_pb(request.ref)
+        request, x = wire.receive(request_iterator, lambda h: h.input, self.limits.check_tensor)
+        key = self._key(request.ref, context)
         y, handle = self.engine.forward(key, x, request.keep_for_backward, call_context(context))
         reply = pb.ForwardResponse(backward_handle=handle)
         yield from wire.send(pb.ForwardReplyChunk, reply, wire.encode_header(y, reply.output))
@@ -87,8 +95,10 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def StreamBackward(
         self, request_iterator: Iterator[pb.BackwardChunk], context: Any
     ) -> Iterator[pb.BackwardReplyChunk]:
-        request, dy = wire.receive(request_iterator, lambda h: h.grad_output)
-        key = key_from_pb(request.ref)
+        request, dy = wire.receive(
+            request_iterator, lambda h: h.grad_output, self.limits.check_tensor
+        )
+        key = self._key(request.ref, context)
         grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
         reply = pb.BackwardResponse()
         if grads.grad_weight is not None and grads.grad_bias is not None:
@@ -99,22 +109,24 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
 
     @rpc
     def SetTraining(self, request: pb.SetTrainingRequest, context: Any) -> pb.ModuleInfo:
-        return info_to_pb(self.engine.set_training(key_from_pb(request.ref), request.training))
+        return info_to_pb(
+            self.engine.set_training(self._key(request.ref, context), request.training)
+        )
 
     @rpc
     def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.ModuleState:
-        return state_to_pb(self.engine.state(key_from_pb(request.ref)))
+        return state_to_pb(self.engine.state(self._key(request.ref, context)))
 
     @rpc
     def LoadState(self, request: pb.LoadStateRequest, context: Any) -> pb.ModuleInfo:
         state = state_from_pb(request.state)
-        key = key_from_pb(request.ref)
+        key = self._key(request.ref, context)
         return info_to_pb(self.engine.load_state(key, state, request.strict))
 
     @rpc
     def ResetRunningStats(self, request: pb.ResetRequest, context: Any) -> pb.ModuleInfo:
-        return info_to_pb(self.engine.reset_running_stats(key_from_pb(request.ref)))
+        return info_to_pb(self.engine.reset_running_stats(self._key(request.ref, context)))
 
     @rpc
     def ResetParameters(self, request: pb.ResetRequest, context: Any) -> pb.ModuleInfo:
-        return info_to_pb(self.engine.reset_parameters(key_from_pb(request.ref)))
+        return info_to_pb(self.engine.reset_parameters(self._key(request.ref, context)))

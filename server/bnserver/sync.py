@@ -40,20 +40,25 @@ class Reducer(Protocol):
 class SyncBatchNorm(BatchNorm):
     """MegEngine's SyncBatchNorm: (N, C), (N, C, L) or (N, C, H, W) input.
 
-    name:    the module's name, shared by the ranks of its group.
-    reducer: where the group's statistics are merged.
+    name:      the module's name, shared by the ranks of its group.
+    reducer:   where the group's statistics are merged.
+    namespace: the tenant; groups of different tenants are distinct.
     """
 
-    def __init__(self, config: ModuleConfig, name: str, reducer: Reducer) -> None:
+    def __init__(
+        self, config: ModuleConfig, name: str, reducer: Reducer, namespace: str = ""
+    ) -> None:
         super().__init__(config)
         assert config.sync is not None
         self.sync = config.sync
         self.name = name
         self.reducer = reducer
         self.signature = config.group_signature()
+        # A tenant's group "g" is "tenant/g" at the coordinator: tenants never meet.
+        self.group = f"{namespace}/{self.sync.group}" if namespace else self.sync.group
 
     def _key(self, phase: Phase) -> RoundKey:
-        return RoundKey(self.sync.group, self.name, phase)
+        return RoundKey(self.group, self.name, phase)
 
     def _eps_mode(self) -> kernel.EpsMode:
         return "max" if self.sync.eps_mode == "max" else "additive"

@@ -121,7 +121,12 @@ def test_streamed_errors_are_typed(pair, name) -> None:
         bn(np.zeros((64, C + 1, 8, 8), np.float32))
 
 
-def test_assembler_rejects_oversized_declarations() -> None:
-    header = pb.Tensor(dtype="float64", shape=[1 << 20, 1 << 20])
-    with pytest.raises(wire.WireError, match="over the limit"):
-        wire.Assembler(header, max_bytes=1 << 30)
+def test_assembler_checks_the_declared_size_before_allocating() -> None:
+    header = pb.Tensor(dtype="float64", shape=[1 << 30, 1 << 30])  # 8 EiB
+
+    def refuse(shape: tuple[int, ...], nbytes: int) -> None:
+        assert shape == (1 << 30, 1 << 30) and nbytes == 8 << 60
+        raise OverflowError("refused")
+
+    with pytest.raises(OverflowError, match="refused"):
+        wire.Assembler(header, refuse)
