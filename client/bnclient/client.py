@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -19,8 +22,30 @@ from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 #: gRPC cannot carry a message of 2 GiB or more.
 MAX_MESSAGE_BYTES = (2 << 30) - 1
 
+#: Calls that can be repeated after a lost reply with the same outcome. Forward
+#: carries a request id the server deduplicates; Backward spends its handle and
+#: SyncBatchNorm forwards need their peers, so neither is retried.
+IDEMPOTENT = frozenset(
+    {
+        "CreateModule",
+        "GetModule",
+        "ListModules",
+        "GetState",
+        "SetTraining",
+        "LoadState",
+        "ResetRunningStats",
+        "ResetParameters",
+        "Forward",
+        "StreamForward",
+    }
+)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MAX_BACKOFF = 2.0
+
 #: Tensors above this many bytes are streamed in chunks (see bench/transport.py).
 STREAM_THRESHOLD = 4 << 20
+
+T = TypeVar("T")
 
 _KIND_NAMES = {
     pb.MODULE_KIND_BATCH_NORM_1D: "BatchNorm1d",
@@ -73,6 +98,10 @@ class Client:
     root_certificates: PEM bytes of the CA that signed the server's TLS
         certificate; gives a TLS channel.
     timeout: seconds each call may take (None: no deadline).
+    retries: how often an idempotent call is retried after UNAVAILABLE or
+        DEADLINE_EXCEEDED, with jittered exponential backoff from
+        `retry_backoff` seconds. Training forwards are retried too: they carry a
+        request id, and the server applies each id's update once.
     stream_threshold: tensors larger than this many bytes travel as chunked
         streams instead of one message (any size works; large unary messages
         are slower and gRPC refuses them from 2 GiB).
@@ -86,10 +115,14 @@ class Client:
         root_certificates: bytes | None = None,
         timeout: float | None = None,
         stream_threshold: int = STREAM_THRESHOLD,
+        retries: int = 5,
+        retry_backoff: float = 0.1,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.retries = retries
+        self.retry_backoff = retry_backoff
         self.stream_threshold = stream_threshold
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -220,7 +253,20 @@ class Client:
 
     def delete_module(self, name: str, rank: int = 0) -> None:
         """Delete module `name` (for a SyncBatchNorm rank sharing a name, pass its rank)."""
-        self._call("DeleteModule", pb.DeleteModuleRequest(ref=pb.ModuleRef(name=name, rank=rank)))
+        request = pb.DeleteModuleRequest(ref=pb.ModuleRef(name=name, rank=rank))
+        attempts = 0
+
+        def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                self._stub.DeleteModule(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as err:
+                # A retry that finds nothing: the lost reply was the first attempt's success.
+                if attempts == 1 or err.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise
+
+        self._with_retries(attempt, retry=True)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -229,26 +275,47 @@ class Client:
         reply: pb.ModuleInfo = self._call("CreateModule", request)
         return reply
 
-    def _call(self, method: str, request: Any) -> Any:
-        """Invoke a unary RPC; failures raise the typed ServiceError for their status."""
-        try:
-            return getattr(self._stub, method)(
-                request, timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise errors.from_rpc_error(err) from None
+    def _call(self, method: str, request: Any, retry: bool | None = None) -> Any:
+        """Invoke a unary RPC; failures raise the typed ServiceError for their status.
+
+        Idempotent calls (and those with `retry`) are retried on UNAVAILABLE and
+        DEADLINE_EXCEEDED.
+        """
+        stub_method = getattr(self._stub, method)
+        return self._with_retries(
+            lambda: stub_method(request, timeout=self.timeout, metadata=self._metadata),
+            method in IDEMPOTENT if retry is None else retry,
+        )
 
     def _stream(
-        self, method: str, requests: Iterator[Any], tensor_of: Callable[[Any], pb.Tensor]
+        self,
+        method: str,
+        requests: Callable[[], Iterator[Any]],
+        tensor_of: Callable[[Any], pb.Tensor],
+        retry: bool | None = None,
     ) -> tuple[Any, np.ndarray]:
-        """Invoke a chunk-streaming RPC; return the reply header and the tensor it carries."""
-        try:
-            replies = getattr(self._stub, method)(
-                requests, timeout=self.timeout, metadata=self._metadata
-            )
+        """Invoke a chunk-streaming RPC with `requests()`; return the reply header and tensor."""
+        stub_method = getattr(self._stub, method)
+
+        def attempt() -> tuple[Any, np.ndarray]:
+            replies = stub_method(requests(), timeout=self.timeout, metadata=self._metadata)
             return wire.receive(replies, tensor_of)
-        except grpc.RpcError as err:
-            raise errors.from_rpc_error(err) from None
+
+        return self._with_retries(attempt, method in IDEMPOTENT if retry is None else retry)
+
+    def _with_retries(self, attempt: Callable[[], T], retry: bool) -> T:
+        """Run `attempt`, retrying transient failures with jittered exponential backoff."""
+        delay = self.retry_backoff
+        for n in itertools.count():
+            try:
+                return attempt()
+            except grpc.RpcError as err:
+                error = errors.from_rpc_error(err)
+                if not retry or n >= self.retries or error.code not in RETRYABLE:
+                    raise error from None
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, MAX_BACKOFF)
+        raise AssertionError("unreachable")
 
 
 def _config(

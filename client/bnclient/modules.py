@@ -42,6 +42,9 @@ class BatchNorm:
     (1, C, 1, 1) arrays read from the server, or None when the module has none.
     """
 
+    #: Forwards carry a request id the server deduplicates, so they may be retried.
+    _retry_forward = True
+
     def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
         self._client = client
         self._ref = pb.ModuleRef()
@@ -87,13 +90,18 @@ class BatchNorm:
         request = pb.ForwardRequest(
             ref=self._ref, keep_for_backward=keep_for_backward, request_id=uuid.uuid4().hex
         )
+        retry = self._retry_forward
         if array.nbytes > self._client.stream_threshold:
             sent = wire.encode_header(array, request.input)
-            chunks = wire.send(pb.ForwardChunk, request, sent)
-            header, y = self._client._stream("StreamForward", chunks, lambda h: h.output)
+            header, y = self._client._stream(
+                "StreamForward",
+                lambda: wire.send(pb.ForwardChunk, request, sent),
+                lambda h: h.output,
+                retry,
+            )
             return y, header.backward_handle
         wire.encode(array, request.input)
-        reply: pb.ForwardResponse = self._client._call("Forward", request)
+        reply: pb.ForwardResponse = self._client._call("Forward", request, retry)
         return np.array(wire.decode(reply.output)), reply.backward_handle
 
     # -- mode ---------------------------------------------------------------
@@ -176,6 +184,9 @@ class SyncBatchNorm(BatchNorm):
     freeze=True run alone.
     """
 
+    #: A retried step would meet its peers' next step: sync forwards are not retried.
+    _retry_forward = False
+
     def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
         super().__init__(client, info)
         s = info.config.sync
@@ -212,8 +223,11 @@ class VJP:
         reply: pb.BackwardResponse
         if grad.nbytes > client.stream_threshold:
             sent = wire.encode_header(grad, request.grad_output)
-            chunks = wire.send(pb.BackwardChunk, request, sent)
-            reply, dx = client._stream("StreamBackward", chunks, lambda h: h.grad_input)
+            reply, dx = client._stream(
+                "StreamBackward",
+                lambda: wire.send(pb.BackwardChunk, request, sent),
+                lambda h: h.grad_input,
+            )
         else:
             wire.encode(grad, request.grad_output)
             reply = client._call("Backward", request)
