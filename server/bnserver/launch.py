@@ -30,8 +30,13 @@ class ServerProcess:
         *,
         startup_timeout: float = 30.0,
         capture_stderr: bool = True,
+        root_certificates: bytes | None = None,
     ) -> None:
-        """Start `bnserver *args`; capture_stderr keeps its log in .stderr, else it is inherited."""
+        """Start `bnserver *args`; capture_stderr keeps its log in .stderr, else it is inherited.
+
+        root_certificates: PEM of the CA of a TLS server's certificate (health is then
+        checked over TLS); None checks it over an insecure channel.
+        """
         self.args = [sys.executable, "-m", "bnserver.cli", *args]
         self.proc = subprocess.Popen(
             self.args,
@@ -45,7 +50,7 @@ class ServerProcess:
             threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.port = self._read_port(startup_timeout)
         self.address = f"127.0.0.1:{self.port}"
-        wait_serving(self.address, startup_timeout)
+        wait_serving(self.address, startup_timeout, root_certificates=root_certificates)
 
     def _drain_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -94,10 +99,17 @@ class ServerProcess:
         self.kill()
 
 
-def wait_serving(address: str, timeout: float = 30.0) -> None:
-    """Poll the standard health service until it answers SERVING."""
+def wait_serving(
+    address: str, timeout: float = 30.0, *, root_certificates: bytes | None = None
+) -> None:
+    """Poll the standard health service until it answers SERVING (over TLS with a CA)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    if root_certificates is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        channel = grpc.secure_channel(address, creds)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -111,9 +123,16 @@ def wait_serving(address: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def start_server(state_dir: Path | str, *extra: str) -> ServerProcess:
-    return ServerProcess(["serve", "--port", "0", "--state-dir", str(state_dir), *extra])
+def start_server(
+    state_dir: Path | str, *extra: str, root_certificates: bytes | None = None
+) -> ServerProcess:
+    return ServerProcess(
+        ["serve", "--port", "0", "--state-dir", str(state_dir), *extra],
+        root_certificates=root_certificates,
+    )
 
 
-def start_coordinator(*extra: str) -> ServerProcess:
-    return ServerProcess(["coordinator", "--port", "0", *extra])
+def start_coordinator(*extra: str, root_certificates: bytes | None = None) -> ServerProcess:
+    return ServerProcess(
+        ["coordinator", "--port", "0", *extra], root_certificates=root_certificates
+    )

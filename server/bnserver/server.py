@@ -13,6 +13,7 @@ from bnserver.coordinator import Coordinator
 from bnserver.coordinator_service import CoordinatorServicer
 from bnserver.engine import Engine
 from bnserver.service import BatchNormServicer
+from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
@@ -46,7 +47,11 @@ def create_server(
         raise ValueError("a server needs an engine, a coordinator or both")
     max_message = MAX_MESSAGE_BYTES
     if engine is not None:
-        max_message = min(max_message, engine.limits.max_request_bytes)
+        # gRPC refuses larger messages itself, with a message that cannot name our
+        # flag; the slack lets a request just over --max-request-bytes (or a stream
+        # chunk with its framing) reach the server's own check, which does.
+        slack = wire.CHUNK_BYTES + (1 << 20)
+        max_message = min(max_message, max(engine.limits.max_request_bytes, 0) + slack)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
         interceptors=[AuthInterceptor(tokens)] if tokens is not None else [],
