@@ -9,6 +9,7 @@ returns a zero-copy, read-only view of the message's bytes.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ FLOAT_DTYPES: dict[str, np.dtype[np.floating]] = {
 #: Largest number of dimensions accepted (numpy's own limit is 64).
 MAX_NDIM = 32
 
+#: Largest product of the (non-zero) dimensions of a shape: numpy's index range.
+MAX_EXTENT = (1 << 62) - 1
+
 
 class WireError(ValueError):
     """A Tensor message that does not describe a valid array."""
@@ -42,6 +46,9 @@ def check_header(dtype: str, shape: Sequence[int]) -> tuple[np.dtype[np.floating
         raise WireError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are supported")
     if any(d < 0 for d in shape):
         raise WireError(f"tensor shape {list(shape)} has a negative dimension")
+    # numpy cannot even describe such a shape, empty or not.
+    if math.prod(max(d, 1) for d in shape) > MAX_EXTENT:
+        raise WireError(f"tensor shape {list(shape)[:8]} is too large to describe")
     np_dtype = FLOAT_DTYPES[dtype]
     # Python ints do not overflow, so a lying shape cannot wrap around to a small size.
     return np_dtype, math.prod(shape) * np_dtype.itemsize
@@ -111,6 +118,22 @@ def chunks(contiguous: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[b
 SizeCheck = Callable[[tuple[int, ...], int], None]
 
 
+def _reserve(nbytes: int) -> np.ndarray:
+    """A uint8 buffer whose memory is committed only as it is written.
+
+    Large buffers are anonymous mappings with MAP_NORESERVE: a stream's header
+    reserves address space for its declared size, but memory is used only for
+    bytes that actually arrive.
+    """
+    if nbytes < _MAP_THRESHOLD or not hasattr(mmap, "MAP_NORESERVE"):
+        return np.empty(nbytes, dtype=np.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_NORESERVE
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=np.uint8)
+
+
+_MAP_THRESHOLD = 1 << 20
+
+
 class Assembler:
     """Rebuilds a tensor from its header and data chunks, copying each byte once.
 
@@ -126,8 +149,8 @@ class Assembler:
             check_size(shape, nbytes)
         self.nbytes = nbytes
         self.received = 0
-        self._array = np.empty(shape, dtype=np_dtype)
-        self._bytes = self._array.reshape(-1).view(np.uint8)
+        self._bytes = _reserve(nbytes)
+        self._array = self._bytes.view(np_dtype).reshape(shape)
 
     def add(self, data: bytes) -> None:
         end = self.received + len(data)

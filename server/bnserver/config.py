@@ -28,6 +28,10 @@ _INPUT_NDIMS = {
 }
 
 
+#: Most ranks a sync group may have.
+MAX_WORLD_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class SyncSpec:
     """A SyncBatchNorm rank's place in its group."""
@@ -73,8 +77,10 @@ class ModuleConfig:
             s = self.sync
             if not s.group:
                 raise InvalidArgument("a SyncBatchNorm needs a non-empty group name")
-            if s.world_size < 1:
-                raise InvalidArgument(f"world_size must be >= 1, got {s.world_size}")
+            if not 1 <= s.world_size <= MAX_WORLD_SIZE:
+                raise InvalidArgument(
+                    f"world_size must be in 1..{MAX_WORLD_SIZE}, got {s.world_size}"
+                )
             if not 0 <= s.rank < s.world_size:
                 raise InvalidArgument(f"rank must be in 0..{s.world_size - 1}, got {s.rank}")
             if s.eps_mode not in ("additive", "max"):

@@ -29,8 +29,13 @@ from enum import Enum
 import numpy as np
 
 from bnserver.calls import CallContext
+from bnserver.config import MAX_WORLD_SIZE
 from bnserver.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from bnserver.kernel import Moments
+
+#: Largest per-rank element count per channel: merged counts of a full group
+#: stay far inside int64.
+MAX_COUNT = 1 << 48
 
 
 class Phase(Enum):
@@ -78,8 +83,12 @@ class _Round:
     failure: Exception | None = None
     told: set[int] = field(default_factory=set)
 
-    def missing(self) -> list[int]:
-        return [r for r in range(self.world_size) if r not in self.parts]
+    def missing(self) -> str:
+        """The ranks that have not contributed, for messages (long lists shortened)."""
+        ranks = [r for r in range(self.world_size) if r not in self.parts]
+        if len(ranks) <= 16:
+            return str(ranks)
+        return f"[{', '.join(map(str, ranks[:16]))}, ...] ({len(ranks)} ranks)"
 
 
 def merge(phase: Phase, parts: dict[int, Contribution]) -> Contribution:
@@ -136,8 +145,12 @@ class Coordinator:
         is withdrawn and never merged, so a call that failed for its client
         leaves nothing behind. Returns the merged contribution.
         """
+        if not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise InvalidArgument(f"world_size must be in 1..{MAX_WORLD_SIZE}, got {world_size}")
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank must be in 0..{world_size - 1}, got {rank}")
+        if not 0 <= part.count <= MAX_COUNT:
+            raise InvalidArgument(f"count must be in 0..{MAX_COUNT}, got {part.count}")
         with self._lock:
             rnd = self._join(key, rank, world_size, signature, part, call)
         poll = None if call is None else self.POLL_SECONDS
@@ -209,7 +222,9 @@ class Coordinator:
         Ranks already waiting fail now; ranks arriving later for the same
         round fail on arrival, until all have been told or the timeout passes.
         """
-        error = Aborted(f"round aborted by rank {rank}: {reason}")
+        if not 1 <= world_size <= MAX_WORLD_SIZE or not 0 <= rank < world_size:
+            raise InvalidArgument(f"rank {rank} of world_size {world_size} is out of range")
+        error = Aborted(f"round aborted by rank {rank}: {reason[:1000]}")
         with self._lock:
             self._sweep()
             rnd = self._rounds.get(key)

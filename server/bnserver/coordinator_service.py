@@ -49,8 +49,6 @@ def _contribution(request: pb.ReduceRequest) -> tuple[Contribution, tuple[int, .
     shape = vectors[0].shape
     if len(shape) != 1 or any(v.shape != shape or v.dtype != np.float64 for v in vectors):
         raise InvalidArgument("contribution vectors must be float64 of one shape (C,)")
-    if request.count < 0:
-        raise InvalidArgument(f"count must be >= 0, got {request.count}")
     return Contribution(request.count, vectors), shape
 
 

@@ -12,10 +12,10 @@ from bnserver.auth import Authenticator, AuthInterceptor, Tokens
 from bnserver.coordinator import Coordinator
 from bnserver.coordinator_service import CoordinatorServicer
 from bnserver.engine import Engine
+from bnserver.handlers import add_servicer
 from bnserver.service import BatchNormServicer
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
-from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
 #: Largest message either side accepts. gRPC cannot carry a message of 2 GiB
 #: or more, so this is the ceiling for a single unary call.
@@ -62,11 +62,10 @@ def create_server(
     )
     services = []
     if engine is not None:
-        servicer = BatchNormServicer(engine, Authenticator(tokens))
-        pb_grpc.add_BatchNormServiceServicer_to_server(servicer, server)
+        add_servicer(BatchNormServicer(engine, Authenticator(tokens)), "BatchNormService", server)
         services.append(BATCH_NORM_SERVICE)
     if coordinator is not None:
-        pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(coordinator), server)
+        add_servicer(CoordinatorServicer(coordinator), "CoordinatorService", server)
         services.append(COORDINATOR_SERVICE)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -52,12 +52,13 @@ def error_for(code: grpc.StatusCode, message: str) -> errors.ServiceError:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+def abort_with(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
     """End the call with the status mapped from `exc` (logging unexpected errors)."""
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
     context.abort(code, message)
+    raise AssertionError("context.abort returns only by raising")
 
 
 def rpc(method: F) -> F:
@@ -68,7 +69,7 @@ def rpc(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:
-            _abort(context, exc, method.__name__)
+            abort_with(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -81,7 +82,7 @@ def rpc_stream(method: F) -> F:
         try:
             yield from method(self, request, context)
         except Exception as exc:
-            _abort(context, exc, method.__name__)
+            abort_with(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]
 
