@@ -1,6 +1,6 @@
 """Batch-normalization kernel: pure functions on numpy arrays.
 
-No state, no locks, no gRPC. Conventions used throughout:
+No module state, no gRPC. Conventions used throughout:
 
 * ``x`` has shape ``(N, C, *spatial)``; statistics are per channel (axis 1),
   reduced over every other axis. ``count`` is ``N * prod(spatial)``, the number
@@ -11,27 +11,93 @@ No state, no locks, no gRPC. Conventions used throughout:
   float32 input, float64 for float64 input); every reduction accumulates in
   float64. Outputs have the input's dtype.
 
-Statistics are two-pass (mean first, then squared deviations from it), so they
-stay exact when the mean is large next to the spread, where the one-pass
-sum/sum-of-squares formula cancels catastrophically.
+How the forward passes run (``moments`` and ``normalize`` document the numerics):
 
-Elementwise work is done in cache-sized blocks of a 2-D ``(N*C, L)`` view, so
-a chain of ufuncs reads each element from memory once.
+* The input is viewed as ``(N, C, L)`` and walked in blocks of about
+  ``BLOCK_ELEMENTS`` elements, so that the few operations applied to a block
+  find it in cache and each pass reads the input from memory once. Statistics
+  take one pass (two only for channels whose mean is far beyond their spread),
+  normalization one more, writing the output.
+* Large inputs split their blocks between the calling thread and a small
+  persistent pool. numpy releases the GIL inside ufuncs and ``einsum``, so the
+  threads compute in parallel; BLAS calls (``matmul``, ``vecdot``) do not
+  release it, so they reduce only where one thread does the work.
+* Block temporaries live in reused scratch buffers: the only fresh allocation
+  of input size is the output (a fresh buffer costs a page fault per 4 KiB).
+* Per-channel vectors broadcast as ``(C, 1)`` columns, or for short rows
+  (``L < SHORT_ROW``) as ``(C, L)`` arrays so that ufunc inner loops stay long;
+  see ``_bufsize`` for the ufunc buffer size used with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 Vector = np.ndarray  # float64, shape (C,)
 EpsMode = Literal["additive", "max"]
 
-#: Elements per block of elementwise work (256 KiB of float32: fits in L2).
-BLOCK_ELEMENTS = 1 << 16
+#: Elements per block (1 MiB of float32). Measured on 2 cores: blocks of 2^16
+#: elements make large forwards 1.2-1.4x slower (each ufunc call is a GIL hand-off
+#: between the threads); 2^17 to 2^19 are alike.
+BLOCK_ELEMENTS = 1 << 18
+
+#: Inputs with at least this many elements are normalized by several threads; below
+#: it the hand-off costs more than a second core saves.
+PARALLEL_MIN_ELEMENTS = 1 << 19
+
+#: The same for statistics, which one thread computes faster (with BLAS, which holds
+#: the GIL) than each of several threads can (with einsum, which does not).
+PARALLEL_MIN_STATS_ELEMENTS = 1 << 20
+
+#: Threads that work on one large input: the caller plus a pool of THREADS - 1
+#: (the usable cores, at most 4; measured only with 2).
+THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 4))
+
+#: Rows (the spatial extent L) shorter than this use (C, L)-shaped per-channel
+#: vectors and reduce over N first, so that ufunc inner loops stay long.
+SHORT_ROW = 128
+
+#: moments: a channel's statistics from uncentred sums are kept when
+#: sum(x^2) <= this * M2, i.e. |mean| < 16 std; rounding of the sums then costs at
+#: most 8 bits of float64's 53. Other channels are recomputed around their mean.
+CONDITION_LIMIT = 256.0
+
+#: normalize: computes x * scale + offset (two ufunc passes) when every
+#: per-channel |offset| = |bias - mean * scale| is at most this, which bounds the
+#: rounding error by 15 units of work-dtype rounding times max(1, |y|) (1e-6 in
+#: float32); otherwise (x - center) * scale + offset (three passes).
+DIRECT_OFFSET_LIMIT = 4.0
+
+#: The smallest float64 magnitude that rounds to infinity in float32.
+FLOAT32_OVERFLOW = float.fromhex("0x1.ffffffp+127")
+
+#: sums of rows at least this long are reduced along the rows (einsum "ncl->c"),
+#: shorter ones over N first ("ncl->cl").
+REDUCE_ROW = 128
+
+_DEFAULT_BUFSIZE = np.getbufsize()
+
+
+def _bufsize(inner: int) -> int:
+    """The ufunc buffer size (elements) for broadcasting ufuncs whose inner loop is `inner` long.
+
+    numpy >= 2.3 copies operands through its buffers to lengthen inner loops that
+    are shorter than the buffer (8192 elements by default): that helps loops of a
+    few hundred elements, but makes loops of a few thousand about 2x slower, so
+    for those the buffer is cut to the loop's length.
+    """
+    if 512 <= inner < _DEFAULT_BUFSIZE:
+        return inner - inner % 16  # numpy wants a multiple of 16
+    return _DEFAULT_BUFSIZE
+
 
 _WORK_DTYPES: dict[np.dtype, np.dtype] = {
     np.dtype(np.float16): np.dtype(np.float32),
@@ -126,24 +192,307 @@ def _channel_sum(row_values: np.ndarray, channels: int) -> Vector:
     return np.asarray(row_values.reshape(-1, channels).sum(axis=0))
 
 
+# -- blocked, threaded passes over an (N, C, L) view ------------------------------------
+
+#: A block of the (N, C, L) view: its sample, channel and position ranges.
+Block = tuple[slice, slice, slice]
+T = TypeVar("T")
+
+
+def _view3(x: np.ndarray) -> np.ndarray:
+    """`x` (N, C, *spatial) as (N, C, L); a view unless the spatial axes cannot merge."""
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    n, c = x.shape[0], x.shape[1]
+    length = x.size // (n * c) if n * c else 0
+    return x.reshape(n, c, length)
+
+
+def _split(shape: tuple[int, ...]) -> list[Block]:
+    """Blocks of at most BLOCK_ELEMENTS elements covering an (N, C, L) array.
+
+    Whole samples when one fits, else channel ranges of one sample, else
+    position ranges of one row. A block is contiguous in a contiguous array.
+    """
+    n, c, length = shape
+    size = max(1, BLOCK_ELEMENTS)
+    whole = slice(None)
+    if c * length <= size:
+        step = size // max(1, c * length)
+        return [(slice(i, min(i + step, n)), whole, whole) for i in range(0, n, step)]
+    if length <= size:
+        step = size // length
+        return [
+            (slice(i, i + 1), slice(j, min(j + step, c)), whole)
+            for i in range(n)
+            for j in range(0, c, step)
+        ]
+    return [
+        (slice(i, i + 1), slice(j, j + 1), slice(k, min(k + size, length)))
+        for i in range(n)
+        for j in range(c)
+        for k in range(0, length, size)
+    ]
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="bnserver-kernel")
+        return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist; start a new pool on demand."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _parallel(size: int, blocks: int, threshold: int) -> bool:
+    """Whether a pass over `blocks` blocks of `size` elements is split across threads."""
+    return THREADS > 1 and blocks > 1 and size >= threshold
+
+
+class _Shared(Iterator[Block]):
+    """An iterator over blocks that several threads can take from."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        self._blocks = iter(blocks)
+        self._lock = threading.Lock()
+
+    def __next__(self) -> Block:
+        with self._lock:
+            return next(self._blocks)
+
+
+def _run(task: Callable[[Iterator[Block]], T], blocks: list[Block], parallel: bool) -> list[T]:
+    """Run `task` over `blocks`: on this thread, or on it and the pool together.
+
+    The threads take blocks one at a time from a shared iterator, so one that
+    starts late (a pool thread must first wake up) just takes fewer. Returns one
+    result per thread. Waits for every thread, even when one fails.
+    """
+    shared = _Shared(blocks)
+    helpers = min(THREADS, len(blocks)) - 1 if parallel else 0
+    if helpers <= 0:
+        return [task(shared)]
+    pool = _executor()
+    futures: list[Future[T]] = [pool.submit(task, shared) for _ in range(helpers)]
+    try:
+        mine = task(shared)
+    finally:
+        wait_all(futures)
+    return [f.result() for f in futures] + [mine]
+
+
+_scratch_free: dict[np.dtype, list[np.ndarray]] = {}
+_scratch_lock = threading.Lock()
+
+
+class _Scratch:
+    """A reusable 1-D buffer of at least `size` elements, returned to a free list on exit.
+
+    Reusing block temporaries avoids a page fault per 4 KiB on every call. At most
+    THREADS buffers per dtype are kept.
+    """
+
+    def __init__(self, dtype: np.dtype, size: int) -> None:
+        self.dtype, self.size = np.dtype(dtype), size
+
+    def __enter__(self) -> np.ndarray:
+        with _scratch_lock:
+            free = _scratch_free.setdefault(self.dtype, [])
+            buf = free.pop() if free else None
+        if buf is None or buf.size < self.size:
+            buf = np.empty(max(self.size, 1), self.dtype)
+        self.buf = buf
+        return buf
+
+    def __exit__(self, *exc: object) -> None:
+        with _scratch_lock:
+            free = _scratch_free[self.dtype]
+            if len(free) < THREADS:
+                free.append(self.buf)
+
+
+def _block_extent(block: Block, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The shape of `block` within an array of `shape`."""
+    n, c, length = (len(range(*s.indices(dim))) for s, dim in zip(block, shape, strict=True))
+    return n, c, length
+
+
+_all_ones = np.ones(0)
+
+
+def _ones(n: int) -> np.ndarray:
+    """A read-only float64 vector of n ones: a view of one cached vector, grown on demand."""
+    global _all_ones
+    ones = _all_ones
+    if ones.size < n:
+        ones = np.ones(max(n, 1024))
+        ones.flags.writeable = False
+        _all_ones = ones
+    return ones[:n]
+
+
+def _long_rows(shape: tuple[int, ...]) -> bool:
+    """Whether sums of an (N, C, L) input reduce along rows first (else over N first)."""
+    n, _, length = shape
+    return length >= min(n, REDUCE_ROW)
+
+
+def _block_sums(d: np.ndarray, long_rows: bool, blas: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (sum d, sum d*d) of a float64 block `d` (nb, cb, lb).
+
+    Per channel, shape (cb,), with `long_rows`; else per (channel, position),
+    shape (cb, lb). BLAS (gemv, dot) is faster than einsum but holds the GIL, so
+    threads that share the work use einsum.
+    """
+    nb, cb, lb = d.shape
+    if not blas:
+        if long_rows:
+            return np.einsum("ncl->c", d), np.einsum("ncl,ncl->c", d, d)
+        return np.einsum("ncl->cl", d), np.einsum("ncl,ncl->cl", d, d)
+    if long_rows:
+        rows = d.reshape(nb * cb, lb)
+        r1, r2 = rows @ _ones(lb), np.vecdot(rows, rows)
+        if nb == 1:
+            return r1, r2
+        ones = _ones(nb)
+        return ones @ r1.reshape(nb, cb), ones @ r2.reshape(nb, cb)
+    cols = d.reshape(nb, cb * lb)
+    s1, s2 = _ones(nb) @ cols, np.einsum("nk,nk->k", cols, cols)
+    return s1.reshape(cb, lb), s2.reshape(cb, lb)
+
+
+def _sums_task(
+    x3: np.ndarray, center: np.ndarray | None, blas: bool, extent: tuple[int, int, int]
+) -> Callable[[Iterator[Block]], tuple[np.ndarray, np.ndarray]]:
+    """A task computing float64 (sum d, sum d*d), d = x - center, over some blocks.
+
+    Sums are per channel, shape (C,), or per (channel, position), shape (C, L)
+    (see _long_rows; the caller sums over L). `center` is (C, 1).
+    """
+    _, channels, length = x3.shape
+    long_rows = _long_rows(x3.shape)
+    shape = (channels,) if long_rows else (channels, length)
+    copy = x3.dtype != np.float64 or center is not None
+
+    def task(blocks: Iterator[Block]) -> tuple[np.ndarray, np.ndarray]:
+        s1, s2 = np.zeros(shape), np.zeros(shape)
+        nb, cb, lb = extent
+        with (
+            _Scratch(np.dtype(np.float64), nb * cb * lb if copy else 0) as scratch,
+            np.errstate(invalid="ignore", over="ignore"),
+        ):
+            np.setbufsize(_bufsize(lb))
+            for block in blocks:
+                d = xb = x3[block]
+                if copy:
+                    d = scratch[: xb.size].reshape(xb.shape)
+                    np.copyto(d, xb)
+                    if center is not None:
+                        np.subtract(d, center[block[1]], out=d)
+                b1, b2 = _block_sums(d, long_rows, blas)
+                at = block[1] if long_rows else block[1:]
+                s1[at] += b1
+                s2[at] += b2
+        return s1, s2
+
+    return task
+
+
+def _sums(x3: np.ndarray, center: Vector | None) -> tuple[Vector, Vector]:
+    """Per-channel float64 (sum d, sum d*d) of `x3` (N, C, L), d = x - center."""
+    if center is None and x3.size <= BLOCK_ELEMENTS:
+        # One block on this thread: the task's loop body without its set-up.
+        with _Scratch(np.dtype(np.float64), x3.size) as scratch:
+            d = scratch[: x3.size].reshape(x3.shape)
+            np.copyto(d, x3)
+            s1, s2 = _block_sums(d, _long_rows(x3.shape), blas=True)
+    else:
+        blocks = _split(x3.shape)
+        parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
+        c = None if center is None else center.reshape(-1, 1)
+        extent = _block_extent(blocks[0], x3.shape)
+        parts = _run(_sums_task(x3, c, not parallel, extent), blocks, parallel)
+        s1, s2 = parts[0]
+        for p1, p2 in parts[1:]:
+            s1 += p1
+            s2 += p2
+    if s1.ndim == 2:
+        s1, s2 = s1.sum(axis=1), s2.sum(axis=1)
+    return s1, s2
+
+
+def _center_guess(x3: np.ndarray) -> Vector | None:
+    """Per-channel centers for the first statistics pass, or None for no centering.
+
+    Looks at up to 16 elements per channel (4 positions of 4 samples): when some
+    channel's midrange there is beyond 8 times its range, the uncentred sums
+    would likely fail moments' condition test and cost a second pass, so every
+    channel is centered on its sample midrange (which is within its data).
+    """
+    n, _, length = x3.shape
+    sample = x3[: min(n, 4), :, : min(length, 4)]
+    low = sample.min(axis=(0, 2)).astype(np.float64)
+    high = sample.max(axis=(0, 2)).astype(np.float64)
+    mid = low / 2 + high / 2
+    if (np.abs(mid) <= 8 * (high - low)).all():
+        return None
+    return np.asarray(mid)
+
+
 def moments(x: np.ndarray) -> Moments:
-    """Per-channel count, mean and M2 of `x` (N, C, *spatial), accumulated in float64."""
-    x2, channels = rows_view(x)
-    batch = x.shape[0]
+    """Per-channel count, mean and M2 of `x` (N, C, *spatial), accumulated in float64.
+
+    One pass sums x and x^2 in float64 (the square of a float32 value is exact
+    there); then M2 = sum(x^2) - sum(x) * mean. That subtraction cancels when
+    |mean| >> std, so the channels where sum(x^2) > CONDITION_LIMIT * M2 (a mean
+    beyond 16 std, or a constant nonzero channel) get a second, centered pass:
+    d = x - mean in float64, M2 = sum(d^2) - sum(d)^2 / n, accurate to float64
+    rounding however large the mean. The second pass reads only those channels
+    when they are few, else the whole input. For inputs of more than one block a
+    few elements per channel are looked at first, and if they suggest such a
+    mean, the first pass is centered on them already (see _center_guess).
+    """
+    x3 = _view3(x)
+    channels = x3.shape[1]
     count = channel_count(x)
     if count == 0:
         zeros = np.zeros(channels)
         return Moments(0, zeros, zeros.copy())
     # Non-finite input yields non-finite moments, which callers check; no warnings.
     with np.errstate(invalid="ignore", over="ignore"):
-        mean = _channel_sum(x2.sum(axis=1, dtype=np.float64), channels) / count
-        mean_rows = _per_row(mean, batch)
-        m2_rows = np.zeros(x2.shape[0])
-        for rows, cols in _blocks(*x2.shape):
-            dev = x2[rows, cols].astype(np.float64)
-            dev -= mean_rows[rows]
-            m2_rows[rows] += np.einsum("ij,ij->i", dev, dev)
-        return Moments(count, mean, _channel_sum(m2_rows, channels))
+        center = _center_guess(x3) if x3.size > BLOCK_ELEMENTS else None
+        s1, s2 = _sums(x3, center)
+        mean = s1 / count
+        m2 = s2 - s1 * mean
+        if center is not None:
+            mean += center
+        # Fast path: every channel well conditioned (then m2 >= s2 / limit >= 0) and
+        # finite sums (a total of non-negative finite s2 can overflow only near 1e308).
+        if (s2 <= CONDITION_LIMIT * m2).all() and abs(float(s2.sum())) < np.inf:
+            return Moments(count, mean, m2)
+        redo = np.flatnonzero(~((s2 <= CONDITION_LIMIT * m2) & np.isfinite(s2)) & np.isfinite(mean))
+        if len(redo):
+            if 4 * len(redo) <= channels:
+                d1, d2 = _sums(x3[:, redo], mean[redo])
+            else:
+                d1, d2 = (v[redo] for v in _sums(x3, mean))
+            d1_mean = d1 / count
+            mean[redo] += d1_mean
+            m2[redo] = d2 - d1 * d1_mean
+        return Moments(count, mean, np.maximum(m2, 0.0))
 
 
 def inv_std(var: Vector, eps: float, eps_mode: EpsMode = "additive") -> Vector:
@@ -164,6 +513,56 @@ def _center(mean: Vector, dtype: np.dtype) -> tuple[Vector, Vector]:
     return center, mean - center.astype(np.float64)
 
 
+def _per_channel(vector: Vector, dtype: np.dtype, length: int) -> np.ndarray:
+    """A (C,) vector as (C, 1), or repeated to (C, L) for short rows, in `dtype`."""
+    if length >= SHORT_ROW or length == 1:
+        return vector.astype(dtype).reshape(-1, 1)
+    return np.repeat(vector.astype(dtype), length).reshape(-1, length)
+
+
+def _affine_task(
+    x3: np.ndarray,
+    out3: np.ndarray,
+    center: np.ndarray | None,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    extent: tuple[int, int, int],
+) -> Callable[[Iterator[Block]], None]:
+    """A task writing out = (x - center) * scale + offset (no center: x * scale + offset).
+
+    The vectors are (C, 1) or (C, L) in the work dtype; a float16 block is
+    widened to float32 in scratch, computed there and rounded once on the way out.
+    """
+    work = scale.dtype
+    widen = x3.dtype != work
+    by_position = scale.shape[1] > 1
+
+    def task(blocks: Iterator[Block]) -> None:
+        nb, cb, lb = extent
+        inner = cb * lb if by_position or lb == 1 else lb
+        with (
+            _Scratch(work, nb * cb * lb if widen else 0) as scratch,
+            np.errstate(invalid="ignore", over="ignore"),
+        ):
+            np.setbufsize(_bufsize(inner))
+            for block in blocks:
+                at = block[1:] if by_position else block[1]
+                xb, ob = x3[block], out3[block]
+                target = scratch[: xb.size].reshape(xb.shape) if widen else ob
+                if widen:
+                    np.copyto(target, xb)
+                    xb = target
+                if center is not None:
+                    np.subtract(xb, center[at], out=target)
+                    xb = target
+                np.multiply(xb, scale[at], out=target)
+                np.add(target, offset[at], out=target)
+                if widen:
+                    np.copyto(ob, target)
+
+    return task
+
+
 def normalize(
     x: np.ndarray,
     mean: Vector,
@@ -171,25 +570,48 @@ def normalize(
     weight: Vector | None,
     bias: Vector | None,
 ) -> np.ndarray:
-    """y = (x - mean) * inv_std * weight + bias, per channel; same shape and dtype as `x`."""
+    """y = (x - mean) * inv_std * weight + bias, per channel; same shape and dtype as `x`.
+
+    With scale = inv_std * weight and offset = bias - mean * scale (float64,
+    then rounded to the work dtype), y is computed as x * scale + offset when
+    every |offset| is at most DIRECT_OFFSET_LIMIT: the rounding error is then at
+    most u * (|x * scale| + |y| + |offset|) plus the vectors' own rounding, a few
+    u times max(1, |y|). Otherwise y = (x - center) * scale + offset', center =
+    mean rounded to the work dtype: x - center is exact near the mean
+    (Sterbenz), so a large mean costs no accuracy, and the float64 remainder
+    mean - center goes into offset'.
+    """
     wd = work_dtype(x.dtype)
-    x2, _ = rows_view(x)
-    batch = x.shape[0]
+    x3 = _view3(x)
+    out = np.empty(x.shape, dtype=x.dtype)
+    if out.size == 0:
+        return out
+    length = x3.shape[2]
     scale = inv_std if weight is None else inv_std * weight
-    center, remainder = _center(mean, wd)
-    offset = -remainder * scale
-    if bias is not None:
-        offset = offset + bias
-    center_r = _per_row(center, batch)
-    scale_r = _per_row(scale, batch).astype(wd)
-    offset_r = _per_row(offset, batch).astype(wd)
-    out = np.empty(x2.shape, dtype=x.dtype)
-    for rows, cols in _blocks(*x2.shape):
-        block = np.subtract(x2[rows, cols], center_r[rows], dtype=wd)
-        block *= scale_r[rows]
-        block += offset_r[rows]
-        out[rows, cols] = block
-    return out.reshape(x.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        offset = -mean * scale if bias is None else bias - mean * scale
+        center = None
+        if not np.abs(offset).max() <= DIRECT_OFFSET_LIMIT:
+            center64, remainder = _center(mean, wd)
+            center = _per_channel(center64, wd, length)
+            offset = -remainder * scale if bias is None else bias - remainder * scale
+        scale_v, offset_v = _per_channel(scale, wd, length), _per_channel(offset, wd, length)
+        out3 = out.reshape(x3.shape)
+        if x3.size <= BLOCK_ELEMENTS and x3.dtype == wd:
+            # One block on this thread: the task's loop body without its set-up.
+            by_position = scale_v.shape[1] > 1 or length == 1
+            np.setbufsize(_bufsize(x3.shape[1] * length if by_position else length))
+            src = x3
+            if center is not None:
+                src = np.subtract(x3, center, out=out3)
+            np.multiply(src, scale_v, out=out3)
+            np.add(out3, offset_v, out=out3)
+            return out
+        blocks = _split(x3.shape)
+        extent = _block_extent(blocks[0], x3.shape)
+        task = _affine_task(x3, out3, center, scale_v, offset_v, extent)
+    _run(task, blocks, _parallel(x3.size, len(blocks), PARALLEL_MIN_ELEMENTS))
+    return out
 
 
 def grad_sums(

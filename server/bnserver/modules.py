@@ -192,18 +192,21 @@ class BatchNorm:
     def _next_running_stats(self, stats: kernel.Moments) -> tuple[np.ndarray, np.ndarray]:
         """The running stats after blending in `stats`; InvalidArgument if they overflow."""
         assert self.running_mean is not None and self.running_var is not None
-        m = self.config.momentum
-        # float64 blend, one rounding to float32 (MegEngine blends in float32).
-        mean = m * self.running_mean.astype(np.float64) + (1 - m) * stats.mean
-        var = m * self.running_var.astype(np.float64) + (1 - m) * stats.unbiased_var
-        with np.errstate(over="ignore"):
-            mean32, var32 = mean.astype(np.float32), var.astype(np.float32)
-        if not (np.isfinite(mean32).all() and np.isfinite(var32).all()):
+        m = np.float64(self.config.momentum)
+        # float64 blend, one rounding to float32 (MegEngine blends in float32). A float64
+        # scalar times the float32 state computes in float64.
+        mean = self.running_mean * m
+        mean += stats.mean * (1 - m)
+        var = self.running_var * m
+        var += stats.m2 * ((1 - m) / (stats.count - 1))
+        # Both round to finite float32 iff below FLOAT32_OVERFLOW (NaN compares false).
+        limit = kernel.FLOAT32_OVERFLOW
+        if not (np.abs(mean).max() < limit and var.max() < limit):
             raise InvalidArgument(
                 "the batch's statistics overflow the float32 running statistics "
                 "(values too large); the batch was rejected and nothing changed"
             )
-        return mean32, var32
+        return mean.astype(np.float32), var.astype(np.float32)
 
     # -- state ----------------------------------------------------------------
 
@@ -279,6 +282,10 @@ def checked(stats: kernel.Moments) -> kernel.Moments:
             f"expected more than 1 value per channel when using batch statistics "
             f"(over all ranks for a SyncBatchNorm), got {stats.count}"
         )
+    # Fast path: a finite total means finite entries (a total can also overflow, or
+    # +inf and -inf cancel to NaN: then the entries are inspected one by one).
+    if abs(float(stats.mean.sum()) + float(stats.m2.sum())) < np.inf:
+        return stats
     bad = ~(np.isfinite(stats.mean) & np.isfinite(stats.m2))
     if bad.any():
         channels = np.flatnonzero(bad)

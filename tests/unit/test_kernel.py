@@ -281,7 +281,12 @@ def test_blocked_passes_agree_with_reference_for_any_block_size(batch: Batch, bl
     that partial row blocks and rows split into column blocks are exercised on small data."""
     x, dy = batch.x(), batch.dy()
     w, b = batch.affine_params()
-    with mock.patch.object(kernel, "BLOCK_ELEMENTS", block):
+    # Thresholds at 0: every input, however small, also takes the threaded paths.
+    with (
+        mock.patch.object(kernel, "BLOCK_ELEMENTS", block),
+        mock.patch.object(kernel, "PARALLEL_MIN_ELEMENTS", 0),
+        mock.patch.object(kernel, "PARALLEL_MIN_STATS_ELEMENTS", 0),
+    ):
         y, m, _ = kernel_forward(x, EPS, w, b)
         dx, dweight, dbias = kernel_backward_batch(x, dy, EPS, w)
     mean, var = ref.mean_var(x)
