@@ -113,6 +113,7 @@ class Engine:
         x: np.ndarray,
         keep_for_backward: bool = False,
         call: CallContext | None = None,
+        request_id: str = "",
     ) -> tuple[np.ndarray, str]:
         """Run the module on `x`; return the output and a backward handle ('' unless kept).
 
@@ -122,7 +123,7 @@ class Engine:
         if keep_for_backward:
             self.handles.check_fits(SavedForBackward.size_for(x))
         trains = module.training and module.config.track_running_stats and not module.config.freeze
-        y, saved = module.forward(x, keep_for_backward, call)
+        y, saved = module.forward(x, keep_for_backward, call, request_id)
         if trains:
             self.persistence.trained(key, module)
         handle = self.handles.put(saved) if saved is not None else ""

@@ -14,6 +14,7 @@ and 3-D input.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from bnserver import kernel
 from bnserver.calls import CallContext
 from bnserver.config import ModuleConfig
 from bnserver.errors import InvalidArgument
+
+#: Training forwards remembered per module by request id, so that a retry is not
+#: applied twice (retries follow their first attempt closely).
+APPLIED_IDS = 64
 
 #: Names of the state entries, in state_dict order.
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -83,6 +88,8 @@ class BatchNorm:
         track = config.track_running_stats
         self.running_mean = np.zeros(c, np.float32) if track else None
         self.running_var = np.ones(c, np.float32) if track else None
+        # request id -> (count, mean, inv_std) of applied training forwards, oldest first
+        self._applied: OrderedDict[str, tuple[int, kernel.Vector, kernel.Vector]] = OrderedDict()
 
     # -- forward / backward -------------------------------------------------
 
@@ -122,39 +129,53 @@ class BatchNorm:
         x: np.ndarray,
         keep_for_backward: bool = False,
         call: CallContext | None = None,
+        request_id: str = "",
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
 
         Returns the output (same shape and dtype) and, when asked, what
         backward needs. `call` tells when the caller gives up; a sync module
-        then stops waiting for its peers and withdraws.
+        then stops waiting for its peers and withdraws. A training forward
+        whose `request_id` was already applied (a retry) changes nothing and
+        answers with the statistics of the first attempt, so its output is
+        the same.
         """
         self.check_input(x)
         cfg = self.config
         with self.lock:
             weight = None if self.weight is None else self.weight.astype(np.float64)
             bias = None if self.bias is None else self.bias.astype(np.float64)
+            applied = self._applied.get(request_id) if request_id else None
             stats = None
-            if self.uses_batch_stats():
+            if applied is not None:
+                count, mean, inv_std = applied
+            elif self.uses_batch_stats():
                 stats = self._batch_moments(x, call)
-                mean, var = stats.mean, stats.var
+                count, mean = stats.count, stats.mean
+                inv_std = kernel.inv_std(stats.var, cfg.eps, self._eps_mode())
             else:
                 assert self.running_mean is not None and self.running_var is not None
-                mean = self.running_mean.astype(np.float64)
-                var = self.running_var.astype(np.float64)
+                count, mean = None, self.running_mean.astype(np.float64)
+                running_var = self.running_var.astype(np.float64)
+                inv_std = kernel.inv_std(running_var, cfg.eps, self._eps_mode())
             update = stats is not None and self.training and cfg.track_running_stats
-            if update:
-                assert stats is not None
+            if stats is not None and update:
                 running = self._next_running_stats(stats)
-            inv_std = kernel.inv_std(var, cfg.eps, self._eps_mode())
             y = kernel.normalize(x, mean, inv_std, weight, bias)
-            if update:
+            if stats is not None and update:
                 self.running_mean, self.running_var = running
+                if request_id:
+                    self._remember(request_id, (stats.count, mean, inv_std))
         saved = None
         if keep_for_backward:
-            count = None if stats is None else stats.count
             saved = SavedForBackward(self, x, mean, inv_std, weight, count)
         return y, saved
+
+    def _remember(self, request_id: str, applied: tuple[int, kernel.Vector, kernel.Vector]) -> None:
+        """Record an applied training forward (caller holds the lock); keep the newest few."""
+        self._applied[request_id] = applied
+        while len(self._applied) > APPLIED_IDS:
+            self._applied.popitem(last=False)
 
     def backward(
         self,

@@ -64,7 +64,9 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
         x = decode(request.input, self.limits)
         key = self._key(request.ref, context)
-        y, handle = self.engine.forward(key, x, request.keep_for_backward, call_context(context))
+        y, handle = self.engine.forward(
+            key, x, request.keep_for_backward, call_context(context), request.request_id[:128]
+        )
         reply = pb.ForwardResponse(backward_handle=handle)
         wire.encode(y, reply.output)
         return reply
@@ -87,7 +89,9 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     ) -> Iterator[pb.ForwardReplyChunk]:
         request, x = wire.receive(request_iterator, lambda h: h.input, self.limits.check_tensor)
         key = self._key(request.ref, context)
-        y, handle = self.engine.forward(key, x, request.keep_for_backward, call_context(context))
+        y, handle = self.engine.forward(
+            key, x, request.keep_for_backward, call_context(context), request.request_id[:128]
+        )
         reply = pb.ForwardResponse(backward_handle=handle)
         yield from wire.send(pb.ForwardReplyChunk, reply, wire.encode_header(y, reply.output))
 

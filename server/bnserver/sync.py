@@ -79,6 +79,7 @@ class SyncBatchNorm(BatchNorm):
         x: np.ndarray,
         keep_for_backward: bool = False,
         call: CallContext | None = None,
+        request_id: str = "",
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         try:
             self.check_input(x)
@@ -87,7 +88,7 @@ class SyncBatchNorm(BatchNorm):
             if self.uses_batch_stats():
                 self._abort(Phase.FORWARD, str(exc))
             raise
-        return super().forward(x, keep_for_backward, call)
+        return super().forward(x, keep_for_backward, call, request_id)
 
     def backward(
         self,

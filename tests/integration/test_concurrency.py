@@ -1,12 +1,16 @@
-"""16 threads x 50 training forwards on one module: exactly 800 sequential updates."""
+"""Exactly-once updates: 16 threads x 50 forwards are 800 updates; a retried id is one."""
 
 from __future__ import annotations
 
 import threading
 
+import grpc
 import numpy as np
 
 from bnclient import Client
+from bnservice import wire
+from bnservice.v1 import bnservice_pb2 as pb
+from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
 THREADS, CALLS, C = 16, 50, 512
 MOMENTUM = 0.99  # slow blending: a lost or doubled update still shows after 800 steps
@@ -51,3 +55,26 @@ def test_sixteen_threads_lose_no_update(server, name) -> None:
     np.testing.assert_array_equal(rv, want_v)
     # The check can tell one update from another.
     assert not np.array_equal(rm, _sequential(x, THREADS * CALLS - 1)[0])
+
+
+def test_a_retried_training_forward_is_applied_once(server, name) -> None:
+    """The same ForwardRequest (same request id) twice: one update, the same output."""
+    x = (np.random.default_rng(1).standard_normal((8, C)) * 2 + 3).astype(np.float32)
+    with Client(server.address) as client:
+        bn = client.batch_norm_1d(name, C, momentum=MOMENTUM)
+        request = pb.ForwardRequest(ref=pb.ModuleRef(name=name), request_id="retry-me")
+        wire.encode(x, request.input)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.BatchNormServiceStub(channel)
+            first = wire.decode(stub.Forward(request, timeout=10).output)
+            once = bn.state_dict()
+            again = wire.decode(stub.Forward(request, timeout=10).output)
+            assert bn.state_dict()["running_mean"].tobytes() == once["running_mean"].tobytes()
+            assert bn.state_dict()["running_var"].tobytes() == once["running_var"].tobytes()
+            assert again.tobytes() == first.tobytes()
+            # A new id is a new step.
+            request.request_id = "next"
+            stub.Forward(request, timeout=10)
+            final = bn.running_mean.ravel()
+    # Two steps in all: the first id once, and the new one.
+    np.testing.assert_array_equal(final, _sequential(x, 2)[0])
