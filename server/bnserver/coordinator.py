@@ -150,7 +150,9 @@ class Coordinator:
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank must be in 0..{world_size - 1}, got {rank}")
         if not 0 <= part.count <= MAX_COUNT:
-            raise InvalidArgument(f"count must be in 0..{MAX_COUNT}, got {part.count}")
+            reason = f"count must be in 0..{MAX_COUNT}, got {part.count}"
+            self.abort(key, rank, world_size, reason)  # the peers need not wait for it
+            raise InvalidArgument(reason)
         with self._lock:
             rnd = self._join(key, rank, world_size, signature, part, call)
         poll = None if call is None else self.POLL_SECONDS

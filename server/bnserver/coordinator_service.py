@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from bnserver.calls import CallContext
+from bnserver.config import MAX_WORLD_SIZE
 from bnserver.coordinator import Contribution, Coordinator, Phase, RoundKey
 from bnserver.errors import Aborted, InvalidArgument
 from bnserver.protocol import decode
@@ -61,7 +62,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @rpc
     def Reduce(self, request: pb.ReduceRequest, context: Any) -> pb.ReduceResponse:
         key = _round_key(request.round)
-        part, shape = _contribution(request)
+        try:
+            part, shape = _contribution(request)
+        except InvalidArgument as exc:
+            # This rank cannot take part: fail its round for the peers at once.
+            if 1 <= request.world_size <= MAX_WORLD_SIZE and 0 <= request.rank < request.world_size:
+                self.coordinator.abort(key, request.rank, request.world_size, str(exc))
+            raise
         signature = (request.signature, shape)
         merged = self.coordinator.contribute(
             key, request.rank, request.world_size, signature, part, call_context(context)

@@ -589,3 +589,17 @@ def test_coordinator_forgets_rounds_of_many_groups() -> None:
     assert all(isinstance(r, Contribution | DeadlineExceeded) for r in results), results
     assert any(isinstance(r, DeadlineExceeded) for r in results)
     assert len(coordinator) == 0
+
+
+def test_invalid_contribution_fails_the_round_for_its_peers_at_once() -> None:
+    coordinator = Coordinator(timeout=5.0)
+    start = time.monotonic()
+    good, bad = contribute_all(
+        coordinator,
+        [(0, 2, "sig", part(2)), (1, 2, "sig", Contribution(-1, part(2).vectors))],
+        stagger=0.2,
+    )
+    assert isinstance(bad, InvalidArgument) and "count" in str(bad), repr(bad)
+    assert isinstance(good, Aborted) and "rank 1" in str(good), repr(good)
+    assert time.monotonic() - start < PROMPT
+    assert len(coordinator) == 0
