@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Hashable
 from typing import Any
 
@@ -141,8 +142,11 @@ class RemoteCoordinator:
             timeout = min(timeout, max(remaining, 0.0))
         future = self._stub.Reduce.future(request, timeout=timeout, metadata=self._metadata)
         if call is not None:
-            while not future.done():
-                if call.cancelled.wait(Coordinator.POLL_SECONDS):
+            done = threading.Event()
+            future.add_done_callback(lambda _: done.set())  # type: ignore[no-untyped-call]
+            # Wake at once when the round completes; check for cancellation meanwhile.
+            while not done.wait(Coordinator.POLL_SECONDS):
+                if call.cancelled.is_set():
                     future.cancel()  # type: ignore[no-untyped-call]
                     raise Aborted(f"{key}: the call was cancelled while waiting for peers")
         try:
