@@ -43,7 +43,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 MAX_BACKOFF = 2.0
 
 #: Tensors above this many bytes are streamed in chunks (see bench/transport.py).
-STREAM_THRESHOLD = 4 << 20
+STREAM_THRESHOLD = 1 << 20
 
 T = TypeVar("T")
 

@@ -27,6 +27,7 @@ from bnserver.coordinator import Coordinator
 from bnserver.coordinator_service import RemoteCoordinator
 from bnserver.engine import Engine
 from bnserver.limits import Limits
+from bnserver.memory import tune_malloc
 from bnserver.persistence import Durability, Persister, StateDir
 from bnserver.server import create_server
 
@@ -83,6 +84,7 @@ def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | No
 
 
 def serve(args: argparse.Namespace) -> int:
+    tune_malloc()
     coordinator = None
     if args.coordinator:
         ca = Path(args.coordinator_ca).read_bytes() if args.coordinator_ca else None
