@@ -254,17 +254,18 @@ class Client:
     def delete_module(self, name: str, rank: int = 0) -> None:
         """Delete module `name` (for a SyncBatchNorm rank sharing a name, pass its rank)."""
         request = pb.DeleteModuleRequest(ref=pb.ModuleRef(name=name, rank=rank))
-        attempts = 0
+        maybe_applied = False  # an earlier attempt may have deleted it and lost the reply
 
         def attempt() -> None:
-            nonlocal attempts
-            attempts += 1
+            nonlocal maybe_applied
             try:
                 self._stub.DeleteModule(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                # A retry that finds nothing: the lost reply was the first attempt's success.
-                if attempts == 1 or err.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                    raise
+                code = err.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.NOT_FOUND and maybe_applied:
+                    return
+                maybe_applied = maybe_applied or code == grpc.StatusCode.DEADLINE_EXCEEDED
+                raise
 
         self._with_retries(attempt, retry=True)
 

@@ -27,7 +27,7 @@ FLOAT_DTYPES: dict[str, np.dtype[np.floating]] = {
 #: Largest number of dimensions accepted (numpy's own limit is 64).
 MAX_NDIM = 32
 
-#: Largest product of the (non-zero) dimensions of a shape: numpy's index range.
+#: Largest byte extent of a shape's (non-zero) dimensions: numpy's index range.
 MAX_EXTENT = (1 << 62) - 1
 
 
@@ -46,10 +46,10 @@ def check_header(dtype: str, shape: Sequence[int]) -> tuple[np.dtype[np.floating
         raise WireError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are supported")
     if any(d < 0 for d in shape):
         raise WireError(f"tensor shape {list(shape)} has a negative dimension")
-    # numpy cannot even describe such a shape, empty or not.
-    if math.prod(max(d, 1) for d in shape) > MAX_EXTENT:
-        raise WireError(f"tensor shape {list(shape)[:8]} is too large to describe")
     np_dtype = FLOAT_DTYPES[dtype]
+    # numpy cannot even describe such a shape (in bytes), empty or not.
+    if math.prod(max(d, 1) for d in shape) * np_dtype.itemsize > MAX_EXTENT:
+        raise WireError(f"tensor shape {list(shape)[:8]} is too large to describe")
     # Python ints do not overflow, so a lying shape cannot wrap around to a small size.
     return np_dtype, math.prod(shape) * np_dtype.itemsize
 

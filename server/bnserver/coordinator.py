@@ -163,6 +163,10 @@ class Coordinator:
                 self._expire(key, rnd)
         if rnd.error is not None:
             raise rnd.error
+        if rnd.callers.get(rank) is not call:
+            # This call gave up: its part was dropped or replaced by the rank's re-send,
+            # and the result belongs to the call that took its place.
+            raise Aborted(f"rank {rank} gave up on the {key}; its contribution was withdrawn")
         assert rnd.result is not None
         return rnd.result
 
@@ -199,6 +203,10 @@ class Coordinator:
             )
             self._finish(key, rnd, error=Aborted(f"round aborted: {message}"))
             raise InvalidArgument(message)
+        stale = rnd.callers.get(rank)
+        if rank in rnd.parts and stale is not None and stale.expired():
+            # Its earlier call gave up and is about to withdraw: this is its re-send.
+            del rnd.parts[rank], rnd.callers[rank]
         if rank in rnd.parts:
             # The rank is a step ahead of its peers (or two clients claim one rank):
             # pairing it with itself would be wrong, so the round fails for all.

@@ -121,10 +121,14 @@ class Engine:
         """
         module = self.registry.get(key)
         if keep_for_backward:
-            self.handles.check_fits(SavedForBackward.size_for(x))
-        trains = module.training and module.config.track_running_stats and not module.config.freeze
+            try:
+                self.handles.check_fits(SavedForBackward.size_for(x))
+            except ServiceError as exc:
+                module.abandon(backward=False, reason=str(exc))
+                raise
+        updates = module.updates
         y, saved = module.forward(x, keep_for_backward, call, request_id)
-        if trains:
+        if module.updates != updates:
             self.persistence.trained(key, module)
         handle = self.handles.put(saved) if saved is not None else ""
         return y, handle
@@ -138,7 +142,11 @@ class Engine:
     ) -> Gradients:
         """Gradients for a kept forward; the handle is spent only if backward succeeds."""
         module = self.registry.get(key)
-        saved = self.handles.take(handle, module)
+        try:
+            saved = self.handles.take(handle, module)
+        except ServiceError as exc:
+            module.abandon(backward=True, reason=str(exc))
+            raise
         try:
             return module.backward(saved, grad_out, call)
         except ServiceError:

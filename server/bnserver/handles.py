@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import weakref
 from collections import OrderedDict
 
 from bnserver.errors import NotFound, ResourceExhausted
@@ -27,6 +28,7 @@ class BackwardStore:
         self._live: OrderedDict[str, SavedForBackward] = OrderedDict()
         self._bytes = 0
         self._gone: OrderedDict[str, str] = OrderedDict()  # handle -> why it is gone
+        self._deleted: weakref.WeakSet[BatchNorm] = weakref.WeakSet()
 
     def check_fits(self, nbytes: int) -> None:
         """Raise ResourceExhausted if one context of `nbytes` could never be held."""
@@ -38,24 +40,28 @@ class BackwardStore:
 
     def put(self, saved: SavedForBackward) -> str:
         """Store `saved` and return its new handle, evicting the oldest as needed."""
-        nbytes = saved.nbytes
-        self.check_fits(nbytes)
+        self.check_fits(saved.nbytes)
         handle = secrets.token_hex(16)
         with self._lock:
-            while self._live and (
-                len(self._live) >= self.max_handles or self._bytes + nbytes > self.max_bytes
-            ):
-                old, ctx = self._live.popitem(last=False)
-                self._bytes -= ctx.nbytes
-                self._bury(
-                    old,
-                    f"evicted: the server keeps at most {self.max_handles} backward handles "
-                    f"and {self.max_bytes} bytes, oldest evicted first "
-                    f"(--max-backward-handles, --max-backward-bytes)",
-                )
-            self._live[handle] = saved
-            self._bytes += nbytes
+            self._insert(handle, saved)
         return handle
+
+    def _insert(self, handle: str, saved: SavedForBackward) -> None:
+        """Hold `saved` under `handle`, evicting the oldest as needed (caller holds the lock)."""
+        nbytes = saved.nbytes
+        while self._live and (
+            len(self._live) >= self.max_handles or self._bytes + nbytes > self.max_bytes
+        ):
+            old, ctx = self._live.popitem(last=False)
+            self._bytes -= ctx.nbytes
+            self._bury(
+                old,
+                f"evicted: the server keeps at most {self.max_handles} backward handles "
+                f"and {self.max_bytes} bytes, oldest evicted first "
+                f"(--max-backward-handles, --max-backward-bytes)",
+            )
+        self._live[handle] = saved
+        self._bytes += nbytes
 
     def take(self, handle: str, module: BatchNorm) -> SavedForBackward:
         """Remove and return the context of `handle`, which must belong to `module`."""
@@ -74,13 +80,15 @@ class BackwardStore:
     def put_back(self, handle: str, saved: SavedForBackward) -> None:
         """Return a context taken by a backward that failed, under its old handle."""
         with self._lock:
+            if saved.module in self._deleted:
+                return  # its module was deleted meanwhile: the handle stays gone
             self._gone.pop(handle, None)
-            self._live[handle] = saved
-            self._bytes += saved.nbytes
+            self._insert(handle, saved)
 
     def drop_module(self, module: BatchNorm) -> None:
         """Forget every context of a deleted module."""
         with self._lock:
+            self._deleted.add(module)
             for handle in [h for h, s in self._live.items() if s.module is module]:
                 self._bytes -= self._live.pop(handle).nbytes
                 self._bury(handle, "its module was deleted")

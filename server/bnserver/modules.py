@@ -88,6 +88,8 @@ class BatchNorm:
         track = config.track_running_stats
         self.running_mean = np.zeros(c, np.float32) if track else None
         self.running_var = np.ones(c, np.float32) if track else None
+        # Running-stats updates so far: tells callers whether a forward trained.
+        self.updates = 0
         # request id -> (count, mean, inv_std) of applied training forwards, oldest first
         self._applied: OrderedDict[str, tuple[int, kernel.Vector, kernel.Vector]] = OrderedDict()
 
@@ -108,6 +110,9 @@ class BatchNorm:
             )
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise InvalidArgument(f"input dtype must be float16, float32 or float64, not {x.dtype}")
+
+    def abandon(self, backward: bool, reason: str) -> None:
+        """This module's call failed before its computation: tell peers (sync modules only)."""
 
     @staticmethod
     def check_grad(saved: SavedForBackward, grad_out: np.ndarray) -> None:
@@ -164,6 +169,7 @@ class BatchNorm:
             y = kernel.normalize(x, mean, inv_std, weight, bias)
             if stats is not None and update:
                 self.running_mean, self.running_var = running
+                self.updates += 1
                 if request_id:
                     self._remember(request_id, (stats.count, mean, inv_std))
         saved = None

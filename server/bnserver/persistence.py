@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bnserver.config import Kind, ModuleConfig, SyncSpec
+from bnserver.errors import Unavailable
 from bnserver.modules import STATE_KEYS, BatchNorm
 from bnserver.registry import ModuleKey, Registry
 
@@ -109,6 +110,8 @@ class StateDir:
     def remove_module(self, key: ModuleKey) -> None:
         """Delete the file of a module that the registry no longer holds."""
         with self._lock_for(key):
+            if self.registry.contains(key):
+                return  # created again meanwhile: the file is the new module's
             path = self.root / _file_name(key)
             if path.exists():
                 path.unlink()
@@ -181,14 +184,28 @@ class Persister:
         self._thread.start()
 
     def changed(self, key: ModuleKey, module: BatchNorm) -> None:
-        self.state.save_module(key, module)
+        self._save_now(key, module)
 
     def trained(self, key: ModuleKey, module: BatchNorm) -> None:
         if self.durability is Durability.ALWAYS:
-            self.state.save_module(key, module)
+            self._save_now(key, module)
         else:
-            with self._dirty_lock:
-                self._dirty[key] = module
+            self._mark(key, module)
+
+    def _mark(self, key: ModuleKey, module: BatchNorm) -> None:
+        with self._dirty_lock:
+            self._dirty[key] = module
+
+    def _save_now(self, key: ModuleKey, module: BatchNorm) -> None:
+        """Write before the call is answered; a failed write fails the call (UNAVAILABLE)."""
+        try:
+            self.state.save_module(key, module)
+        except OSError as exc:
+            self._mark(key, module)  # the snapshot thread keeps trying
+            raise Unavailable(
+                f"the change was made but could not be written to the state directory "
+                f"({exc.strerror or exc}); it is retried every --snapshot-interval"
+            ) from None
 
     def deleted(self, key: ModuleKey) -> None:
         with self._dirty_lock:

@@ -109,6 +109,10 @@ class Registry:
             pairs = [kv for kv in self._modules.items() if tenant in (None, kv[0].tenant)]
         return sorted(pairs, key=lambda kv: kv[0])
 
+    def contains(self, key: ModuleKey) -> bool:
+        with self._lock:
+            return key in self._modules
+
     def holds(self, key: ModuleKey, module: BatchNorm) -> bool:
         """Whether `module` is (still) the module under `key`."""
         with self._lock:

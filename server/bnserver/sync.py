@@ -74,6 +74,10 @@ class SyncBatchNorm(BatchNorm):
     def _abort(self, phase: Phase, reason: str) -> None:
         self.reducer.abort(self._key(phase), self.sync.rank, self.sync.world_size, reason)
 
+    def abandon(self, backward: bool, reason: str) -> None:
+        if self.uses_batch_stats():
+            self._abort(Phase.BACKWARD if backward else Phase.FORWARD, reason)
+
     def forward(
         self,
         x: np.ndarray,

@@ -603,3 +603,21 @@ def test_invalid_contribution_fails_the_round_for_its_peers_at_once() -> None:
     assert isinstance(good, Aborted) and "rank 1" in str(good), repr(good)
     assert time.monotonic() - start < PROMPT
     assert len(coordinator) == 0
+
+
+def test_a_rank_that_gave_up_may_resend_its_step() -> None:
+    """Rank 0 cancels and re-sends before its withdrawal lands: the re-send takes the old
+    part's place instead of failing the round as a duplicate."""
+    from bnserver.calls import CallContext
+
+    coordinator = Coordinator(timeout=5.0)
+    first = CallContext()
+    gave_up, box = start_timed(lambda: coordinator.contribute(KEY, 0, 2, "sig", part(2), first))
+    time.sleep(0.1)
+    first.cancelled.set()
+    results = contribute_all(coordinator, [(0, 2, "sig", part(3)), (1, 2, "sig", part(4))])
+    assert all(isinstance(r, Contribution) for r in results), results
+    assert results[0].count == 3 + 4  # the re-sent part, not the withdrawn one
+    res, _ = finish(gave_up, box)
+    assert isinstance(res, Aborted), repr(res)
+    assert len(coordinator) == 0

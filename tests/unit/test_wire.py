@@ -40,9 +40,10 @@ def test_decode_is_a_read_only_view() -> None:
         ("int32", [2], 8, "unsupported"),
         ("", [2], 8, "unsupported"),
         ("float32", [-1, 4], 16, "negative"),
-        ("float32", [1 << 30, 1 << 30], 4, "need"),
+        ("float32", [1 << 29, 1 << 30], 4, "need"),
         ("float32", [1 << 40, 1 << 40], 4, "too large"),
         ("float32", [0, 1 << 62, 1 << 62], 0, "too large"),  # empty, yet not describable
+        ("float64", [0, 1 << 40, 1 << 21, 1], 0, "too large"),  # fits in elements, not bytes
         ("float64", [1] * 40, 8, "dimensions"),
     ],
 )
@@ -53,8 +54,8 @@ def test_malformed_tensors_are_rejected(dtype, shape, nbytes, words) -> None:
 
 
 def test_lying_huge_shape_is_rejected_before_allocation() -> None:
-    # 2**61 float64 elements would be 16 EiB: only a header check can reject it quickly.
-    msg = pb.Tensor(dtype="float64", shape=[1 << 31, 1 << 30], data=b"\0" * 8)
+    # 2**58 float64 elements would be 2 EiB: only a header check can reject it quickly.
+    msg = pb.Tensor(dtype="float64", shape=[1 << 29, 1 << 29], data=b"\0" * 8)
     with pytest.raises(wire.WireError, match="need"):
         wire.decode(msg)
 
