@@ -15,7 +15,7 @@ import numpy as np
 from bnserver.calls import CallContext
 from bnserver.config import Kind, ModuleConfig
 from bnserver.coordinator import Coordinator
-from bnserver.errors import InvalidArgument, ServiceError
+from bnserver.errors import InvalidArgument, NotFound, ServiceError
 from bnserver.handles import BackwardStore
 from bnserver.limits import Limits
 from bnserver.modules import BatchNorm, Gradients, SavedForBackward
@@ -153,6 +153,15 @@ class Engine:
             # A rejected backward (say, a malformed grad_output) must not cost the handle.
             self.handles.put_back(handle, saved)
             raise
+
+    def abandon(self, key: ModuleKey, backward: bool, reason: str) -> None:
+        """A call for `key` was refused before reaching the module: a sync module's peers
+        must not wait for it (no-op for other modules and unknown keys)."""
+        try:
+            module = self.registry.get(key)
+        except NotFound:
+            return
+        module.abandon(backward, reason)
 
     def set_training(self, key: ModuleKey, training: bool) -> ModuleInfo:
         module = self.registry.get(key)

@@ -5,11 +5,14 @@ Domain errors become status codes through the one table in `bnserver.status`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from bnserver.auth import Authenticator
 from bnserver.engine import Engine
+from bnserver.errors import ServiceError
 from bnserver.protocol import (
     config_from_pb,
     decode,
@@ -60,9 +63,40 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
         self.engine.delete(self._key(request.ref, context))
         return pb.DeleteModuleResponse()
 
+    def _decode(
+        self, tensor: pb.Tensor, ref: pb.ModuleRef, context: Any, backward: bool
+    ) -> np.ndarray:
+        """Decode a request's tensor; if it is refused, a sync module's peers hear at once."""
+        try:
+            return decode(tensor, self.limits)
+        except ServiceError as exc:
+            self.engine.abandon(self._key(ref, context), backward, str(exc))
+            raise
+
+    def _receive(
+        self,
+        chunks: Iterator[Any],
+        tensor_of: Callable[[Any], pb.Tensor],
+        context: Any,
+        backward: bool,
+    ) -> tuple[Any, np.ndarray]:
+        """`wire.receive` a chunk stream, telling a sync module's peers if it is refused."""
+        headers: list[Any] = []
+
+        def declared(header: Any) -> pb.Tensor:
+            headers.append(header)
+            return tensor_of(header)
+
+        try:
+            return wire.receive(chunks, declared, self.limits.check_tensor)
+        except (ServiceError, wire.WireError) as exc:
+            if headers:
+                self.engine.abandon(self._key(headers[0].ref, context), backward, str(exc))
+            raise
+
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
-        x = decode(request.input, self.limits)
+        x = self._decode(request.input, request.ref, context, backward=False)
         key = self._key(request.ref, context)
         y, handle = self.engine.forward(
             key, x, request.keep_for_backward, call_context(context), request.request_id[:128]
@@ -73,7 +107,7 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
 
     @rpc
     def Backward(self, request: pb.BackwardRequest, context: Any) -> pb.BackwardResponse:
-        dy = decode(request.grad_output, self.limits)
+        dy = self._decode(request.grad_output, request.ref, context, backward=True)
         key = self._key(request.ref, context)
         grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
         reply = pb.BackwardResponse()
@@ -87,7 +121,7 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def StreamForward(
         self, request_iterator: Iterator[pb.ForwardChunk], context: Any
     ) -> Iterator[pb.ForwardReplyChunk]:
-        request, x = wire.receive(request_iterator, lambda h: h.input, self.limits.check_tensor)
+        request, x = self._receive(request_iterator, lambda h: h.input, context, backward=False)
         key = self._key(request.ref, context)
         y, handle = self.engine.forward(
             key, x, request.keep_for_backward, call_context(context), request.request_id[:128]
@@ -99,8 +133,8 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def StreamBackward(
         self, request_iterator: Iterator[pb.BackwardChunk], context: Any
     ) -> Iterator[pb.BackwardReplyChunk]:
-        request, dy = wire.receive(
-            request_iterator, lambda h: h.grad_output, self.limits.check_tensor
+        request, dy = self._receive(
+            request_iterator, lambda h: h.grad_output, context, backward=True
         )
         key = self._key(request.ref, context)
         grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))

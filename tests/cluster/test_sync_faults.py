@@ -621,3 +621,27 @@ def test_a_rank_that_gave_up_may_resend_its_step() -> None:
     res, _ = finish(gave_up, box)
     assert isinstance(res, Aborted), repr(res)
     assert len(coordinator) == 0
+
+
+def test_malformed_tensor_from_a_rank_aborts_its_peers(
+    clients: list[Client], cluster: Cluster, name: str, group: str
+) -> None:
+    """Refused while decoding, before the module sees it: the peers still hear at once."""
+    from bnservice.v1 import bnservice_pb2 as pb
+    from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
+
+    mods = pair(clients, name, group)
+    waiting, box = start_timed(lambda: mods[0](halves(batch(30))[0]))
+    time.sleep(0.3)
+    lying = pb.Tensor(dtype="float32", shape=[3, C, 2, 3], data=b"\0" * 5)
+    request = pb.ForwardRequest(ref=pb.ModuleRef(name=name, rank=1), input=lying)
+    with (
+        grpc.insecure_channel(cluster.addresses[1]) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        pb_grpc.BatchNormServiceStub(channel).Forward(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    res, elapsed = finish(waiting, box)
+    assert isinstance(res, AbortedError) and "rank 1" in res.details, repr(res)
+    assert elapsed < PROMPT
+    step(mods, batch(31))
