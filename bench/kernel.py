@@ -4,6 +4,11 @@ Usage: python -m bench.kernel
 Prints, per shape and mode, the median time of our numpy kernel (the module's
 full forward: statistics, normalization and the running-stats update), of
 torch's CPU kernel with its default threads, and their ratio (ours / torch).
+Then the training backward alone (BACKWARD_SHAPES): our module's backward
+(grad_sums and grad_input) of a kept training forward, against the aten op that
+torch's autograd calls for it, native_batch_norm_backward (dx, dweight and
+dbias), given the statistics saved by torch's own training forward; neither side
+times its forward or autograd's graph bookkeeping.
 torch is optional (`pip install -e '.[bench]'`); without it only our times print.
 
 Both sides get the same input array and the same realistic state (random
@@ -27,6 +32,7 @@ from bnserver.config import Kind, ModuleConfig
 from bnserver.modules import BatchNorm
 
 SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 1024), (16, 128, 64)]
+BACKWARD_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28)]
 
 #: Alternating rounds, and timed calls of each side per round.
 ROUNDS, CALLS = 7, 5
@@ -73,6 +79,38 @@ def _theirs(x: np.ndarray, training: bool) -> Callable[[], object] | None:
     return lambda: F.batch_norm(xt, rm, rv, w, b, training, 0.1, 1e-5)
 
 
+def _ours_backward(x: np.ndarray, dy: np.ndarray) -> Callable[[], object]:
+    module = BatchNorm(ModuleConfig(_kind(x.shape), x.shape[1]))
+    module.load_state_dict(_state(x.shape[1]))
+    module.set_training(True)
+    _, saved = module.forward(x, keep_for_backward=True)
+    assert saved is not None
+    return lambda: module.backward(saved, dy)
+
+
+def _theirs_backward(x: np.ndarray, dy: np.ndarray) -> Callable[[], object] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    state = {k: torch.from_numpy(v.copy()) for k, v in _state(x.shape[1]).items()}
+    w, b, rm, rv = state["weight"], state["bias"], state["running_mean"], state["running_var"]
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(xt, w, b, rm, rv, True, 0.1, 1e-5)
+    backward = torch.ops.aten.native_batch_norm_backward
+    mask = [True, True, True]
+    return lambda: backward(dyt, xt, w, rm, rv, save_mean, save_invstd, True, 1e-5, mask)
+
+
+def _row(measure: str, mine: float, theirs: list[float]) -> list[str]:
+    return [
+        measure,
+        f"{mine * 1e3:.2f} ms",
+        f"torch {theirs[0] * 1e3:.2f} ms" if theirs else "-",
+        f"{mine / theirs[0]:.2f}x" if theirs else "-",
+    ]
+
+
 def _medians(fns: list[Callable[[], object]]) -> list[float]:
     """Median seconds per call of each function, timed in alternating rounds."""
     times: list[list[float]] = [[] for _ in fns]
@@ -97,14 +135,14 @@ def rows() -> list[list[str]]:
         for training in (True, False):
             peer = _theirs(x, training)
             mine, *theirs = _medians([_ours(x, training)] + ([] if peer is None else [peer]))
-            out.append(
-                [
-                    f"kernel {'train' if training else 'eval'} {shape}",
-                    f"{mine * 1e3:.2f} ms",
-                    f"torch {theirs[0] * 1e3:.2f} ms" if theirs else "-",
-                    f"{mine / theirs[0]:.2f}x" if theirs else "-",
-                ]
-            )
+            out.append(_row(f"kernel {'train' if training else 'eval'} {shape}", mine, theirs))
+    for shape in BACKWARD_SHAPES:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape, dtype=np.float32)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        peer = _theirs_backward(x, dy)
+        mine, *theirs = _medians([_ours_backward(x, dy)] + ([] if peer is None else [peer]))
+        out.append(_row(f"kernel train backward {shape}", mine, theirs))
     return out
 
 

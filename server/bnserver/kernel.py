@@ -11,13 +11,15 @@ No module state, no gRPC. Conventions used throughout:
   float32 input, float64 for float64 input); every reduction accumulates in
   float64. Outputs have the input's dtype.
 
-How the forward passes run (``moments`` and ``normalize`` document the numerics):
+How the passes run (``moments``, ``normalize``, ``grad_sums`` and ``grad_input``
+document the numerics):
 
 * The input is viewed as ``(N, C, L)`` and walked in blocks of about
   ``BLOCK_ELEMENTS`` elements, so that the few operations applied to a block
   find it in cache and each pass reads the input from memory once. Statistics
   take one pass (two only for channels whose mean is far beyond their spread),
-  normalization one more, writing the output.
+  normalization one more, writing the output. Backward reads x and dy once for
+  the gradient sums and once more to write dx.
 * Large inputs split their blocks between the calling thread and a small
   persistent pool. numpy releases the GIL inside ufuncs and ``einsum``, so the
   threads compute in parallel; BLAS calls (``matmul``, ``vecdot``) do not
@@ -75,6 +77,12 @@ CONDITION_LIMIT = 256.0
 #: rounding error by 15 units of work-dtype rounding times max(1, |y|) (1e-6 in
 #: float32); otherwise (x - center) * scale + offset (three passes).
 DIRECT_OFFSET_LIMIT = 4.0
+
+#: grad_input: computes dx = dy * gain + x * slope + offset (four ufunc passes) when
+#: every channel's |mean| * inv_std is at most this, which bounds the rounding error
+#: by about 2 * this many units of work-dtype rounding of gain * max|dy| (2e-6 in
+#: float32); otherwise x - center replaces x (five passes).
+GRAD_DIRECT_LIMIT = 16.0
 
 #: The smallest float64 magnitude that rounds to infinity in float32.
 FLOAT32_OVERFLOW = float.fromhex("0x1.ffffffp+127")
@@ -168,28 +176,6 @@ def rows_view(x: np.ndarray) -> tuple[np.ndarray, int]:
 def channel_count(x: np.ndarray) -> int:
     """Elements per channel of `x` (N, C, *spatial)."""
     return x.size // x.shape[1] if x.shape[1] else 0
-
-
-def _blocks(rows: int, length: int) -> Iterator[tuple[slice, slice]]:
-    """Yield (row slice, column slice) blocks of about BLOCK_ELEMENTS elements."""
-    if length <= BLOCK_ELEMENTS:
-        step = max(1, BLOCK_ELEMENTS // max(length, 1))
-        for start in range(0, rows, step):
-            yield slice(start, min(start + step, rows)), slice(None)
-    else:
-        for row in range(rows):
-            for col in range(0, length, BLOCK_ELEMENTS):
-                yield slice(row, row + 1), slice(col, min(col + BLOCK_ELEMENTS, length))
-
-
-def _per_row(vector: Vector, batch: int) -> np.ndarray:
-    """Repeat a (C,) vector for each of `batch` samples: (batch*C, 1)."""
-    return np.tile(vector, batch)[:, None]
-
-
-def _channel_sum(row_values: np.ndarray, channels: int) -> Vector:
-    """Sum (N*C,) per-row values into (C,) per-channel totals."""
-    return np.asarray(row_values.reshape(-1, channels).sum(axis=0))
 
 
 # -- blocked, threaded passes over an (N, C, L) view ------------------------------------
@@ -350,27 +336,30 @@ def _long_rows(shape: tuple[int, ...]) -> bool:
     return length >= min(n, REDUCE_ROW)
 
 
-def _block_sums(d: np.ndarray, long_rows: bool, blas: bool) -> tuple[np.ndarray, np.ndarray]:
-    """float64 (sum d, sum d*d) of a float64 block `d` (nb, cb, lb).
+def _block_sums(
+    d: np.ndarray, long_rows: bool, blas: bool, e: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (sum d, sum d*e) of float64 blocks `d` and `e` (nb, cb, lb); e = d if None.
 
     Per channel, shape (cb,), with `long_rows`; else per (channel, position),
     shape (cb, lb). BLAS (gemv, dot) is faster than einsum but holds the GIL, so
     threads that share the work use einsum.
     """
     nb, cb, lb = d.shape
+    e = d if e is None else e
     if not blas:
         if long_rows:
-            return np.einsum("ncl->c", d), np.einsum("ncl,ncl->c", d, d)
-        return np.einsum("ncl->cl", d), np.einsum("ncl,ncl->cl", d, d)
+            return np.einsum("ncl->c", d), np.einsum("ncl,ncl->c", d, e)
+        return np.einsum("ncl->cl", d), np.einsum("ncl,ncl->cl", d, e)
     if long_rows:
         rows = d.reshape(nb * cb, lb)
-        r1, r2 = rows @ _ones(lb), np.vecdot(rows, rows)
+        r1, r2 = rows @ _ones(lb), np.vecdot(rows, e.reshape(nb * cb, lb))
         if nb == 1:
             return r1, r2
         ones = _ones(nb)
         return ones @ r1.reshape(nb, cb), ones @ r2.reshape(nb, cb)
     cols = d.reshape(nb, cb * lb)
-    s1, s2 = _ones(nb) @ cols, np.einsum("nk,nk->k", cols, cols)
+    s1, s2 = _ones(nb) @ cols, np.einsum("nk,nk->k", cols, e.reshape(nb, cb * lb))
     return s1.reshape(cb, lb), s2.reshape(cb, lb)
 
 
@@ -614,25 +603,125 @@ def normalize(
     return out
 
 
+def _grad_sums_task(
+    x3: np.ndarray, dy3: np.ndarray, mean: np.ndarray, blas: bool, extent: tuple[int, int, int]
+) -> Callable[[Iterator[Block]], tuple[np.ndarray, np.ndarray]]:
+    """A task computing float64 (sum dy, sum dy * (x - mean)) over some blocks.
+
+    Per channel, shape (C,), or per (channel, position), shape (C, L), as in
+    _sums_task. `mean` is float64, (C, 1) or (C, L) (see _per_channel).
+    """
+    _, channels, length = x3.shape
+    long_rows = _long_rows(x3.shape)
+    shape = (channels,) if long_rows else (channels, length)
+    by_position = mean.shape[1] > 1
+    widen = dy3.dtype != np.float64
+
+    def task(blocks: Iterator[Block]) -> tuple[np.ndarray, np.ndarray]:
+        s1, s2 = np.zeros(shape), np.zeros(shape)
+        nb, cb, lb = extent
+        size = nb * cb * lb
+        with (
+            _Scratch(np.dtype(np.float64), 2 * size if widen else size) as scratch,
+            np.errstate(invalid="ignore", over="ignore"),
+        ):
+            np.setbufsize(_bufsize(cb * lb if by_position or lb == 1 else lb))
+            for block in blocks:
+                xb, g = x3[block], dy3[block]
+                d = scratch[: xb.size].reshape(xb.shape)
+                np.subtract(xb, mean[block[1:] if by_position else block[1]], out=d)
+                if widen:
+                    wide = scratch[size : size + xb.size].reshape(xb.shape)
+                    np.copyto(wide, g)
+                    g = wide
+
+                b1, b2 = _block_sums(g, long_rows, blas, d)
+                at = block[1] if long_rows else block[1:]
+                s1[at] += b1
+                s2[at] += b2
+        return s1, s2
+
+    return task
+
+
 def grad_sums(
     x: np.ndarray, grad_out: np.ndarray, mean: Vector, inv_std: Vector
 ) -> tuple[Vector, Vector]:
     """Per-channel (sum(dy), sum(dy * xhat)) in float64, xhat = (x - mean) * inv_std.
 
     These are dbias and dweight, and the two sums that batch-statistics backward
-    all-reduces across ranks.
+    all-reduces across ranks. One pass: each block of dy is widened to float64
+    and each block of x becomes x - mean computed in float64 (one rounding of
+    the deviation itself, however large the mean; exactly 0 where x equals the
+    mean), then both sums accumulate in float64 per channel.
     """
-    x2, channels = rows_view(x)
-    dy2, _ = rows_view(grad_out)
-    batch = x.shape[0]
-    mean_r = _per_row(mean, batch)
-    sum_dy_r = dy2.sum(axis=1, dtype=np.float64)
-    dot_r = np.zeros(x2.shape[0])
-    for rows, cols in _blocks(*x2.shape):
-        dev = x2[rows, cols].astype(np.float64)
-        dev -= mean_r[rows]
-        dot_r[rows] += np.einsum("ij,ij->i", dev, dy2[rows, cols].astype(np.float64))
-    return _channel_sum(sum_dy_r, channels), _channel_sum(dot_r, channels) * inv_std
+    x3, dy3 = _view3(x), _view3(grad_out)
+    channels = x3.shape[1]
+    if x3.size == 0:
+        return np.zeros(channels), np.zeros(channels)
+    mean_v = _per_channel(mean, np.dtype(np.float64), x3.shape[2])
+    blocks = _split(x3.shape)
+    parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
+    extent = _block_extent(blocks[0], x3.shape)
+    parts = _run(_grad_sums_task(x3, dy3, mean_v, not parallel, extent), blocks, parallel)
+    s1, s2 = parts[0]
+    for p1, p2 in parts[1:]:
+        s1 += p1
+        s2 += p2
+    if s1.ndim == 2:
+        s1, s2 = s1.sum(axis=1), s2.sum(axis=1)
+    return s1, s2 * inv_std
+
+
+def _grad_input_task(
+    x3: np.ndarray,
+    dy3: np.ndarray,
+    out3: np.ndarray,
+    gain: np.ndarray,
+    terms: tuple[np.ndarray | None, np.ndarray, np.ndarray] | None,
+    extent: tuple[int, int, int],
+) -> Callable[[Iterator[Block]], None]:
+    """A task writing out = dy * gain (+ (x - center) * slope + offset, given `terms`).
+
+    `terms` is (center or None, slope, offset); the vectors are (C, 1) or (C, L)
+    in the work dtype. float16 blocks are computed in float32 scratch and
+    rounded once on the way out.
+    """
+    work = gain.dtype
+    widen = x3.dtype != work
+    by_position = gain.shape[1] > 1
+
+    def task(blocks: Iterator[Block]) -> None:
+        nb, cb, lb = extent
+        size = nb * cb * lb
+        inner = cb * lb if by_position or lb == 1 else lb
+        parts = (2 if widen else 1) if terms is not None else (1 if widen else 0)
+        with (
+            _Scratch(work, parts * size) as scratch,
+            np.errstate(invalid="ignore", over="ignore"),
+        ):
+            np.setbufsize(_bufsize(inner))
+            for block in blocks:
+                at = block[1:] if by_position else block[1]
+                xb, gb, ob = x3[block], dy3[block], out3[block]
+                target = scratch[: xb.size].reshape(xb.shape) if widen else ob
+                if terms is None:
+                    np.multiply(gb, gain[at], out=target)
+                else:
+                    center, slope, offset = terms
+                    tmp = scratch[(size if widen else 0) :][: xb.size].reshape(xb.shape)
+                    if center is not None:
+                        np.subtract(xb, center[at], out=target)
+                        np.multiply(target, slope[at], out=target)
+                    else:
+                        np.multiply(xb, slope[at], out=target)
+                    np.add(target, offset[at], out=target)
+                    np.multiply(gb, gain[at], out=tmp)
+                    np.add(target, tmp, out=target)
+                if widen:
+                    np.copyto(ob, target)
+
+    return task
 
 
 def grad_input(
@@ -649,31 +738,38 @@ def grad_input(
     are functions of the batch and
         dx = weight * inv_std * (dy - sum(dy)/count - xhat * sum(dy*xhat)/count);
     without (running statistics) they are constants and dx = dy * weight * inv_std.
+
+    With gain = weight * inv_std, dx = gain * dy + slope * x + offset, slope =
+    -gain * inv_std * sum(dy*xhat)/count, when every channel's |mean| * inv_std
+    is at most GRAD_DIRECT_LIMIT: |slope * mean| is then at most that limit
+    times gain * max|dy| (|sum(dy*xhat)|/count <= max|dy| since mean(xhat^2) <= 1),
+    so the rounding error stays a few work-dtype units of gain * max|dy|.
+    Otherwise slope multiplies x - center, center = mean rounded to the work
+    dtype, which is exact near the mean (see _center).
     """
     wd = work_dtype(x.dtype)
-    x2, _ = rows_view(x)
-    dy2, _ = rows_view(grad_out)
-    batch = x.shape[0]
+    x3, dy3 = _view3(x), _view3(grad_out)
+    out = np.empty(x.shape, dtype=x.dtype)
+    if out.size == 0:
+        return out
+    length = x3.shape[2]
     gain = inv_std if weight is None else inv_std * weight
-    gain_r = _per_row(gain, batch).astype(wd)
-    out = np.empty(x2.shape, dtype=x.dtype)
-    if batch_stats is None:
-        for rows, cols in _blocks(*x2.shape):
-            out[rows, cols] = np.multiply(dy2[rows, cols], gain_r[rows], dtype=wd)
-        return out.reshape(x.shape)
-    count, sum_dy, sum_dy_xhat = batch_stats
-    # dx = gain*dy + slope*(x - center) + offset, with the float64 remainder of
-    # the mean folded into the per-channel offset (see _center).
-    slope = -gain * inv_std * sum_dy_xhat / count
-    center, remainder = _center(mean, wd)
-    offset = -gain * sum_dy / count - remainder * slope
-    center_r = _per_row(center, batch)
-    slope_r = _per_row(slope, batch).astype(wd)
-    offset_r = _per_row(offset, batch).astype(wd)
-    for rows, cols in _blocks(*x2.shape):
-        dev = np.subtract(x2[rows, cols], center_r[rows], dtype=wd)
-        dev *= slope_r[rows]
-        dev += offset_r[rows]
-        dev += np.multiply(dy2[rows, cols], gain_r[rows], dtype=wd)
-        out[rows, cols] = dev
-    return out.reshape(x.shape)
+    terms = None
+    with np.errstate(invalid="ignore", over="ignore"):
+        if batch_stats is not None:
+            count, sum_dy, sum_dy_xhat = batch_stats
+            slope = -gain * inv_std * sum_dy_xhat / count
+            center = None
+            offset = -gain * sum_dy / count - mean * slope
+            if not np.abs(mean * inv_std).max() <= GRAD_DIRECT_LIMIT:
+                center64, remainder = _center(mean, wd)
+                center = _per_channel(center64, wd, length)
+                offset = -gain * sum_dy / count - remainder * slope
+            terms = (center, _per_channel(slope, wd, length), _per_channel(offset, wd, length))
+        gain_v = _per_channel(gain, wd, length)
+        out3 = out.reshape(x3.shape)
+        blocks = _split(x3.shape)
+        extent = _block_extent(blocks[0], x3.shape)
+        task = _grad_input_task(x3, dy3, out3, gain_v, terms, extent)
+    _run(task, blocks, _parallel(x3.size, len(blocks), PARALLEL_MIN_ELEMENTS))
+    return out
