@@ -28,8 +28,9 @@ class CallContext:
         """Seconds left before the deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def expired(self) -> bool:
-        """Whether the caller has given up: cancelled, or past its deadline."""
+    def expired(self, margin: float = 0.0) -> bool:
+        """Whether the caller has given up (cancelled, or past its deadline), or will
+        within `margin` seconds."""
         if self.cancelled.is_set():
             return True
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.deadline is not None and time.monotonic() + margin >= self.deadline

@@ -33,6 +33,9 @@ from bnserver.config import MAX_WORLD_SIZE
 from bnserver.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from bnserver.kernel import Moments
 
+#: Seconds before its caller's deadline that a part no longer completes a round.
+DEADLINE_GUARD = 0.1
+
 #: Largest per-rank element count per channel: merged counts of a full group
 #: stay far inside int64.
 MAX_COUNT = 1 << 48
@@ -218,9 +221,13 @@ class Coordinator:
         rnd.parts[rank] = part
         rnd.callers[rank] = call
         if len(rnd.parts) == world_size:
-            # A part whose caller already gave up must not be merged: its server
-            # will not apply the result, and its peers must not either.
-            for gone in [r for r, c in rnd.callers.items() if c is not None and c.expired()]:
+            # A part whose caller gave up, or is about to, must not be merged: its
+            # server will not apply the result, so its peers must not either. The
+            # margin covers the deadline's drift across hops (client, server, here).
+            late = [
+                r for r, c in rnd.callers.items() if c is not None and c.expired(DEADLINE_GUARD)
+            ]
+            for gone in late:
                 del rnd.parts[gone], rnd.callers[gone]
         if len(rnd.parts) == world_size:
             self._finish(key, rnd, result=merge(key.phase, rnd.parts))

@@ -17,7 +17,7 @@ from bnserver import kernel
 from bnserver.calls import CallContext
 from bnserver.config import ModuleConfig
 from bnserver.coordinator import Contribution, Phase, RoundKey
-from bnserver.errors import InvalidArgument
+from bnserver.errors import Aborted, InvalidArgument
 from bnserver.modules import BatchNorm, Gradients, SavedForBackward, checked
 
 
@@ -112,6 +112,9 @@ class SyncBatchNorm(BatchNorm):
         local = kernel.moments(x)
         part = Contribution(local.count, (local.mean, local.m2))
         merged = self._all_reduce(Phase.FORWARD, part, call)
+        if call is not None and call.expired():
+            # Answered too late for the caller, who has seen a failure: change nothing.
+            raise Aborted("the call ended (cancelled or past its deadline) while its round ran")
         mean, m2 = merged.vectors
         return checked(kernel.Moments(merged.count, mean, m2))
 
