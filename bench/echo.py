@@ -17,11 +17,13 @@ from typing import Any
 
 import grpc
 
+from bnservice import wire
+
 UNARY = "/bench.Echo/Unary"
 STREAM = "/bench.Echo/Stream"
 _OPTIONS = [
-    ("grpc.max_receive_message_length", (2 << 30) - 1),
-    ("grpc.max_send_message_length", (2 << 30) - 1),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
 ]
 
 

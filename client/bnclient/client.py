@@ -19,9 +19,6 @@ from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
-#: gRPC cannot carry a message of 2 GiB or more.
-MAX_MESSAGE_BYTES = (2 << 30) - 1
-
 #: Calls that can be repeated after a lost reply with the same outcome. Forward
 #: carries a request id the server deduplicates; Backward spends its handle and
 #: SyncBatchNorm forwards need their peers, so neither is retried.
@@ -125,8 +122,8 @@ class Client:
         self.retry_backoff = retry_backoff
         self.stream_threshold = stream_threshold
         opts = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
             *options,
         ]
         if root_certificates is not None:

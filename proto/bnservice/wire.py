@@ -24,6 +24,9 @@ FLOAT_DTYPES: dict[str, np.dtype[np.floating]] = {
     "float64": np.dtype("<f8"),
 }
 
+#: gRPC cannot carry a message of 2 GiB or more: the ceiling of one unary call.
+MAX_MESSAGE_BYTES = (2 << 30) - 1
+
 #: Largest number of dimensions accepted (numpy's own limit is 64).
 MAX_NDIM = 32
 

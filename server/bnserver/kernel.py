@@ -160,19 +160,6 @@ class Moments:
         return Moments(count, mean, m2)
 
 
-def rows_view(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """View `x` (N, C, *spatial) as (N*C, L) rows; return it with C.
-
-    Row r holds channel r % C. Copies only when `x` is not C-contiguous.
-    """
-    if x.ndim < 2:
-        raise ValueError(f"expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    channels = x.shape[1]
-    rows = x.shape[0] * channels
-    length = x.size // rows if rows else 0
-    return np.ascontiguousarray(x).reshape(rows, length), channels
-
-
 def channel_count(x: np.ndarray) -> int:
     """Elements per channel of `x` (N, C, *spatial)."""
     return x.size // x.shape[1] if x.shape[1] else 0

@@ -17,10 +17,6 @@ from bnserver.service import BatchNormServicer
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 
-#: Largest message either side accepts. gRPC cannot carry a message of 2 GiB
-#: or more, so this is the ceiling for a single unary call.
-MAX_MESSAGE_BYTES = (2 << 30) - 1
-
 BATCH_NORM_SERVICE = pb.DESCRIPTOR.services_by_name["BatchNormService"].full_name
 COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
@@ -45,7 +41,7 @@ def create_server(
     """
     if engine is None and coordinator is None:
         raise ValueError("a server needs an engine, a coordinator or both")
-    max_message = MAX_MESSAGE_BYTES
+    max_message = wire.MAX_MESSAGE_BYTES
     if engine is not None:
         # gRPC refuses larger messages itself, with a message that cannot name our
         # flag; the slack lets a request just over --max-request-bytes (or a stream
@@ -57,7 +53,7 @@ def create_server(
         interceptors=[AuthInterceptor(tokens)] if tokens is not None else [],
         options=[
             ("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
         ],
     )
     services = []
