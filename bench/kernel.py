@@ -28,8 +28,8 @@ from collections.abc import Callable
 import numpy as np
 
 from bench.common import table
-from bnserver.config import Kind, ModuleConfig
-from bnserver.modules import BatchNorm
+from bnserver.core.config import Kind, ModuleConfig
+from bnserver.state.batchnorm import BatchNorm
 
 SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 1024), (16, 128, 64)]
 BACKWARD_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28)]

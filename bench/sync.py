@@ -1,12 +1,14 @@
-"""SyncBatchNorm step time for 2 and 4 ranks vs a single-rank BatchNorm2d forward.
+"""SyncBatchNorm step time for 2 and 4 ranks vs a single-rank BatchNorm2d forward,
+and vs torch's batch_norm plus a gloo all_reduce of the same statistics.
 
 Usage: python -m bench.sync [--cluster]
 Ranks run in threads, each with its own Client. By default they share one
 server with its embedded coordinator; with --cluster each rank has its own
 server process and the coordinator runs alone (as `bnserver up`). Every rank
 forwards the same small (8, 16, 8, 8) float32 batch; a step is done when all
-ranks have their output. The peer is a BatchNorm2d forward of the same batch
-through the same server, measured in the same run.
+ranks have their output. Peers, measured in the same run: a BatchNorm2d
+forward of the same batch through the same server, and (when torch is
+installed) the same step as torch.distributed gloo processes (bench.gloo).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import gloo
 from bench.common import median_seconds, table
 from bnclient import Client
-from bnserver.launch import ServerProcess, start_coordinator, start_server
+from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 
 SHAPE = (8, 16, 8, 8)
 STEPS = 200
@@ -78,14 +81,29 @@ def rows(cluster: bool) -> list[list[str]]:
             single = median_seconds(lambda: single_bn(x), repeat=200, warmup=20)
         out = [[f"BatchNorm2d forward {SHAPE}, 1 rank", f"{single * 1e3:.2f} ms", "", ""]]
         where = "one server each" if cluster else "one server"
+        steps = {}
         for world in (2, 4):
-            t = step_time(addresses, world, f"bench-{world}")
+            t = steps[world] = step_time(addresses, world, f"bench-{world}")
             out.append(
                 [
                     f"SyncBatchNorm step, {world} ranks ({where})",
                     f"{t * 1e3:.2f} ms",
                     f"single-rank {single * 1e3:.2f} ms",
                     f"{t / single:.2f}x",
+                ]
+            )
+    if cluster:
+        for world in (2, 4):
+            peer = gloo.step_seconds(world)
+            if peer is None:
+                out.append([f"gloo peer, {world} ranks", "torch not installed", "", ""])
+                continue
+            out.append(
+                [
+                    f"SyncBatchNorm step, {world} ranks, vs torch batch_norm + gloo all_reduce",
+                    f"{steps[world] * 1e3:.2f} ms",
+                    f"gloo {peer * 1e3:.2f} ms",
+                    f"{steps[world] / peer:.2f}x",
                 ]
             )
     return out

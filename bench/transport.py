@@ -24,9 +24,9 @@ import numpy as np
 from bench.common import median_seconds, table
 from bench.echo import EchoClient
 from bnclient import Client
-from bnserver.config import Kind, ModuleConfig
-from bnserver.launch import ServerProcess, start_server
-from bnserver.modules import BatchNorm
+from bnserver.cli.processes import ServerProcess, start_server
+from bnserver.core.config import Kind, ModuleConfig
+from bnserver.state.batchnorm import BatchNorm
 from bnservice import wire
 
 MiB = 1 << 20

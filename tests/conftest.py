@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bnclient import Client
-from bnserver.launch import ServerProcess, start_server
+from bnserver.cli.processes import ServerProcess, start_server
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,9 @@ from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
 #: Calls that can be repeated after a lost reply with the same outcome. Forward
-#: carries a request id the server deduplicates; Backward spends its handle and
-#: SyncBatchNorm forwards need their peers, so neither is retried.
+#: carries a request id the server deduplicates (a SyncBatchNorm rank's retry
+#: gets its round's committed result); Backward spends its handle, so it is not
+#: retried.
 IDEMPOTENT = frozenset(
     {
         "CreateModule",
@@ -36,7 +37,10 @@ IDEMPOTENT = frozenset(
         "StreamForward",
     }
 )
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: The server could not be reached (or the connection dropped): the call may be sent
+#: again. DEADLINE_EXCEEDED is final: either the call's own deadline passed (the
+#: timeout bounds the whole call) or a SyncBatchNorm round timed out on the server.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_BACKOFF = 2.0
 
 #: Tensors above this many bytes are streamed in chunks (see bench/transport.py).
@@ -94,9 +98,9 @@ class Client:
     token: bearer token sent with every call (servers started with --auth-file).
     root_certificates: PEM bytes of the CA that signed the server's TLS
         certificate; gives a TLS channel.
-    timeout: seconds each call may take (None: no deadline).
-    retries: how often an idempotent call is retried after UNAVAILABLE or
-        DEADLINE_EXCEEDED, with jittered exponential backoff from
+    timeout: seconds each call may take, retries included (None: no deadline).
+    retries: how often an idempotent call is retried after UNAVAILABLE, with
+        jittered exponential backoff from
         `retry_backoff` seconds. Training forwards are retried too: they carry a
         request id, and the server applies each id's update once.
     stream_threshold: tensors larger than this many bytes travel as chunked
@@ -253,10 +257,10 @@ class Client:
         request = pb.DeleteModuleRequest(ref=pb.ModuleRef(name=name, rank=rank))
         maybe_applied = False  # an earlier attempt may have deleted it and lost the reply
 
-        def attempt() -> None:
+        def attempt(timeout: float | None) -> None:
             nonlocal maybe_applied
             try:
-                self._stub.DeleteModule(request, timeout=self.timeout, metadata=self._metadata)
+                self._stub.DeleteModule(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as err:
                 code = err.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.NOT_FOUND and maybe_applied:
@@ -281,7 +285,7 @@ class Client:
         """
         stub_method = getattr(self._stub, method)
         return self._with_retries(
-            lambda: stub_method(request, timeout=self.timeout, metadata=self._metadata),
+            lambda timeout: stub_method(request, timeout=timeout, metadata=self._metadata),
             method in IDEMPOTENT if retry is None else retry,
         )
 
@@ -295,23 +299,29 @@ class Client:
         """Invoke a chunk-streaming RPC with `requests()`; return the reply header and tensor."""
         stub_method = getattr(self._stub, method)
 
-        def attempt() -> tuple[Any, np.ndarray]:
-            replies = stub_method(requests(), timeout=self.timeout, metadata=self._metadata)
+        def attempt(timeout: float | None) -> tuple[Any, np.ndarray]:
+            replies = stub_method(requests(), timeout=timeout, metadata=self._metadata)
             return wire.receive(replies, tensor_of)
 
         return self._with_retries(attempt, method in IDEMPOTENT if retry is None else retry)
 
-    def _with_retries(self, attempt: Callable[[], T], retry: bool) -> T:
-        """Run `attempt`, retrying transient failures with jittered exponential backoff."""
+    def _with_retries(self, attempt: Callable[[float | None], T], retry: bool) -> T:
+        """Run `attempt(timeout)`, retrying transient failures with jittered exponential
+        backoff; every attempt and pause fits in the call's `self.timeout`."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         delay = self.retry_backoff
         for n in itertools.count():
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return attempt()
+                return attempt(remaining)
             except grpc.RpcError as err:
                 error = errors.from_rpc_error(err)
                 if not retry or n >= self.retries or error.code not in RETRYABLE:
                     raise error from None
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            pause = delay * random.uniform(0.5, 1.5)
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise error
+            time.sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF)
         raise AssertionError("unreachable")
 

@@ -42,9 +42,6 @@ class BatchNorm:
     (1, C, 1, 1) arrays read from the server, or None when the module has none.
     """
 
-    #: Forwards carry a request id the server deduplicates, so they may be retried.
-    _retry_forward = True
-
     def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
         self._client = client
         self._ref = pb.ModuleRef()
@@ -90,7 +87,7 @@ class BatchNorm:
         request = pb.ForwardRequest(
             ref=self._ref, keep_for_backward=keep_for_backward, request_id=uuid.uuid4().hex
         )
-        retry = self._retry_forward
+        retry = True  # the request id makes a retry apply at most once
         if array.nbytes > self._client.stream_threshold:
             sent = wire.encode_header(array, request.input)
             header, y = self._client._stream(
@@ -181,11 +178,9 @@ class SyncBatchNorm(BatchNorm):
 
     In training (or with track_running_stats=False) each call waits for the
     other ranks' calls of the same step; eval with running statistics and
-    freeze=True run alone.
+    freeze=True run alone. A forward whose reply was lost is retried with its
+    request id and gets its round's committed result.
     """
-
-    #: A retried step would meet its peers' next step: sync forwards are not retried.
-    _retry_forward = False
 
     def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
         super().__init__(client, info)

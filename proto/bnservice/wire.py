@@ -172,30 +172,47 @@ class Assembler:
         return self._array
 
 
+def receive_header(messages: Iterator[Any]) -> tuple[Any, bytes]:
+    """Read a chunk stream's first message: (its header, the data it carries).
+
+    `messages` are *Chunk messages with `header` (first message only) and `data`.
+    """
+    first = next(messages, None)
+    if first is None or not first.HasField("header"):
+        raise WireError("a tensor stream must start with a header message")
+    return first.header, first.data
+
+
+def receive_tensor(
+    declared: pb.Tensor,
+    first_data: bytes,
+    messages: Iterator[Any],
+    check_size: SizeCheck | None = None,
+) -> np.ndarray:
+    """The tensor whose dtype and shape `declared` gives (no data), from `first_data`
+    and the data of the remaining `messages`."""
+    if declared.data:
+        raise WireError("a streamed tensor's header carries dtype and shape only, not data")
+    assembler = Assembler(declared, check_size)
+    assembler.add(first_data)
+    for message in messages:
+        if message.HasField("header"):
+            raise WireError("only the first message of a tensor stream may carry a header")
+        assembler.add(message.data)
+    return assembler.finish()
+
+
 def receive(
     messages: Iterator[Any],
     tensor_of: Callable[[Any], pb.Tensor],
     check_size: SizeCheck | None = None,
 ) -> tuple[Any, np.ndarray]:
-    """Read a chunk stream: (its header, the tensor its chunks carry).
+    """Read a whole chunk stream: (its header, the tensor its chunks carry).
 
-    `messages` are *Chunk messages with `header` (first message only) and
-    `data`; `tensor_of(header)` is the header's tensor (dtype and shape, no data).
+    `tensor_of(header)` is the header's tensor (dtype and shape, no data).
     """
-    first = next(messages, None)
-    if first is None or not first.HasField("header"):
-        raise WireError("a tensor stream must start with a header message")
-    header = first.header
-    declared = tensor_of(header)
-    if declared.data:
-        raise WireError("a streamed tensor's header carries dtype and shape only, not data")
-    assembler = Assembler(declared, check_size)
-    assembler.add(first.data)
-    for message in messages:
-        if message.HasField("header"):
-            raise WireError("only the first message of a tensor stream may carry a header")
-        assembler.add(message.data)
-    return header, assembler.finish()
+    header, first_data = receive_header(messages)
+    return header, receive_tensor(tensor_of(header), first_data, messages, check_size)
 
 
 def send(chunk_type: Callable[..., Any], header: Any, contiguous: np.ndarray) -> Iterator[Any]:

@@ -1,6 +1,6 @@
 """The server's domain facade: what each RPC does, in plain Python and numpy.
 
-`bnserver.service` decodes a request, calls one method here and encodes the
+`bnserver.rpc.batchnorm_service` decodes a request, calls one method here and encodes the
 result; nothing here sees protobuf or gRPC.
 """
 
@@ -13,14 +13,18 @@ from typing import Protocol
 import numpy as np
 
 from bnserver.calls import CallContext
-from bnserver.config import Kind, ModuleConfig
-from bnserver.coordinator import Coordinator
-from bnserver.errors import InvalidArgument, NotFound, ServiceError
-from bnserver.handles import BackwardStore
+from bnserver.core.config import ModuleConfig
+from bnserver.errors import InvalidArgument, ServiceError
 from bnserver.limits import Limits
-from bnserver.modules import BatchNorm, Gradients, SavedForBackward
-from bnserver.registry import ModuleKey, Registry
-from bnserver.sync import Reducer, SyncBatchNorm
+from bnserver.state.backward_store import BackwardStore
+from bnserver.state.batchnorm import BatchNorm, Gradients, SavedForBackward
+from bnserver.state.registry import ModuleKey, Registry
+from bnserver.sync.coordinator import Coordinator
+from bnserver.sync.step import Reducer, Step, SyncStep
+from bnserver.sync.ticket import Phase, Ticket
+
+#: Longest request id accepted, in characters (a uuid4 hex is 32).
+MAX_REQUEST_ID = 128
 
 
 @dataclass(frozen=True)
@@ -71,17 +75,34 @@ class Engine:
     def __init__(self, reducer: Reducer | None = None, limits: Limits | None = None) -> None:
         self.reducer: Reducer = reducer if reducer is not None else Coordinator()
         self.limits = limits if limits is not None else Limits()
-        self.registry = Registry(self._build, self.limits.max_modules)
+        self.registry = Registry(max_modules=self.limits.max_modules)
         self.handles = BackwardStore(
             self.limits.max_backward_handles, self.limits.max_backward_bytes
         )
         self.persistence: Persistence = Volatile()
 
-    def _build(self, key: ModuleKey, config: ModuleConfig) -> BatchNorm:
-        if config.kind is Kind.SYNC_BATCH_NORM:
-            # Tenants' groups never meet: the namespace is part of the round's group.
-            return SyncBatchNorm(config, key.name, self.reducer, namespace=key.tenant)
-        return BatchNorm(config)
+    def step(self, key: ModuleKey, phase: Phase, call: CallContext | None = None) -> Step:
+        """The step a forward or backward of `key` runs in (NotFound for an unknown key).
+
+        Use it as a context manager around everything the call does after it
+        knows its module, decoding included.
+        """
+        module = self.registry.get(key)
+        sync = module.config.sync
+        if sync is None:
+            return Step(call)
+        ticket = Ticket(
+            key.tenant,
+            sync.group,
+            key.name,
+            phase,
+            sync.rank,
+            sync.world_size,
+            module.config.group_signature(),
+        )
+        return SyncStep(
+            ticket, self.reducer, call, module.step_locks[phase], module.uses_batch_stats
+        )
 
     def create(self, key: ModuleKey, config: ModuleConfig) -> ModuleInfo:
         """Get-or-create `key` with `config`."""
@@ -112,56 +133,48 @@ class Engine:
         key: ModuleKey,
         x: np.ndarray,
         keep_for_backward: bool = False,
-        call: CallContext | None = None,
         request_id: str = "",
+        step: Step | None = None,
     ) -> tuple[np.ndarray, str]:
         """Run the module on `x`; return the output and a backward handle ('' unless kept).
 
-        `call` tells when the caller gives up (a sync module then withdraws).
+        `step` is the one `self.step(key, Phase.FORWARD)` opened (None: open one here).
         """
+        if step is None:
+            with self.step(key, Phase.FORWARD) as own:
+                return self.forward(key, x, keep_for_backward, request_id, own)
+        if len(request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(
+                f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID} are allowed"
+            )
         module = self.registry.get(key)
         if keep_for_backward:
-            try:
-                self.handles.check_fits(SavedForBackward.size_for(x))
-            except ServiceError as exc:
-                module.abandon(backward=False, reason=str(exc))
-                raise
+            self.handles.check_fits(SavedForBackward.size_for(x))
         updates = module.updates
-        y, saved = module.forward(x, keep_for_backward, call, request_id)
+        y, saved = module.forward(x, keep_for_backward, request_id, step)
         if module.updates != updates:
             self.persistence.trained(key, module)
         handle = self.handles.put(saved) if saved is not None else ""
         return y, handle
 
     def backward(
-        self,
-        key: ModuleKey,
-        handle: str,
-        grad_out: np.ndarray,
-        call: CallContext | None = None,
+        self, key: ModuleKey, handle: str, grad_out: np.ndarray, step: Step | None = None
     ) -> Gradients:
-        """Gradients for a kept forward; the handle is spent only if backward succeeds."""
+        """Gradients for a kept forward; the handle is spent only if backward succeeds.
+
+        `step` is the one `self.step(key, Phase.BACKWARD)` opened (None: open one here).
+        """
+        if step is None:
+            with self.step(key, Phase.BACKWARD) as own:
+                return self.backward(key, handle, grad_out, own)
         module = self.registry.get(key)
+        saved = self.handles.take(handle, module)
         try:
-            saved = self.handles.take(handle, module)
-        except ServiceError as exc:
-            module.abandon(backward=True, reason=str(exc))
-            raise
-        try:
-            return module.backward(saved, grad_out, call)
+            return module.backward(saved, grad_out, step)
         except ServiceError:
             # A rejected backward (say, a malformed grad_output) must not cost the handle.
             self.handles.put_back(handle, saved)
             raise
-
-    def abandon(self, key: ModuleKey, backward: bool, reason: str) -> None:
-        """A call for `key` was refused before reaching the module: a sync module's peers
-        must not wait for it (no-op for other modules and unknown keys)."""
-        try:
-            module = self.registry.get(key)
-        except NotFound:
-            return
-        module.abandon(backward, reason)
 
     def set_training(self, key: ModuleKey, training: bool) -> ModuleInfo:
         module = self.registry.get(key)

@@ -1,6 +1,6 @@
 """Domain errors of the server side.
 
-The kernel and module layers raise these; `bnserver.service` maps each class to
+The kernel and module layers raise these; `bnserver.rpc.batchnorm_service` maps each class to
 a gRPC status code in one table (DESIGN.md section 5). They know nothing of gRPC.
 """
 
@@ -39,5 +39,13 @@ class Unauthenticated(ServiceError):
     """No or wrong credentials."""
 
 
+class PermissionDenied(ServiceError):
+    """Valid credentials without the right (a tenant's token on the coordinator service)."""
+
+
+class FailedPrecondition(ServiceError):
+    """The system is not in the state the call needs."""
+
+
 class Unavailable(ServiceError):
-    """A dependency (the coordinator) cannot be reached."""
+    """A state write failed, or a dependency (the coordinator) cannot be reached."""

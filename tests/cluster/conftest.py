@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bnserver.launch import ServerProcess, start_coordinator, start_server
+from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 
 #: Round timeout for the cluster tests: short, so fault tests finish quickly.
 SYNC_TIMEOUT = 3.0

@@ -1,10 +1,10 @@
-"""SyncBatchNorm faults never hang (issue 3, item 5).
+"""SyncBatchNorm faults never hang.
 
 A missing rank, a rank with another config or channel count, a restarted rank,
 a killed server and a restarted coordinator each fail the round on every
 waiting rank within the sync timeout (3 s here), change no state, and leave the
-group able to run its next step. The last tests drive the Coordinator in
-process to check that it forgets finished and abandoned rounds.
+group able to run its next step. tests/unit/test_coordinator.py drives the
+Coordinator in process.
 """
 
 from __future__ import annotations
@@ -24,13 +24,10 @@ from bnclient import (
     Client,
     DeadlineExceededError,
     InvalidArgumentError,
-    ServiceError,
     SyncBatchNorm,
     UnavailableError,
 )
-from bnserver.coordinator import Contribution, Coordinator, Phase, RoundKey
-from bnserver.errors import Aborted, DeadlineExceeded, InvalidArgument
-from bnserver.launch import ServerProcess
+from bnserver.cli.processes import ServerProcess
 from tests.cluster.conftest import SYNC_TIMEOUT, Cluster, run_ranks, start_cluster
 
 F64 = np.float64
@@ -341,36 +338,46 @@ def test_restarted_rank_rejoins(clients: list[Client], name: str, group: str) ->
     step([mods[0], restarted], batch(13))
 
 
-def test_rank_whose_client_gives_up_changes_nothing(
+def test_a_completed_round_is_applied_by_every_rank_and_a_retry_gets_it(
     cluster: Cluster, name: str, group: str
 ) -> None:
-    """A call that failed for its client (client deadline 1 s < sync timeout) must not
-    update that rank's running statistics when the peer arrives afterwards
-    (DESIGN.md 5: every failed call leaves every module exactly as it was)."""
+    """Rank 1's caller gives up (deadline 1 s) after its part was given; rank 0 arrives
+    later and completes the round. Both servers apply it (the ranks stay identical), and
+    rank 1's retry with the same request id gets the committed output, applying nothing."""
+    from bnservice import wire
+    from bnservice.v1 import bnservice_pb2 as pb
+    from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
+
     patient = Client(cluster.addresses[0], timeout=CALL_TIMEOUT)
-    hasty = Client(cluster.addresses[1], timeout=1.0)
+    inspect = Client(cluster.addresses[1], timeout=CALL_TIMEOUT)
     try:
         rank0 = patient.sync_batch_norm(name, C, group=group, rank=0, world_size=2)
-        rank1 = hasty.sync_batch_norm(name, C, group=group, rank=1, world_size=2)
-        before = state_of(rank1)
+        rank1 = inspect.sync_batch_norm(name, C, group=group, rank=1, world_size=2)
         x = batch(26)
-        res1, elapsed1 = timed(lambda: rank1(halves(x)[1]))()
-        assert isinstance(res1, DeadlineExceededError), repr(res1)
-        assert elapsed1 < PROMPT
-        # Rank 0 arrives within the sync timeout, after rank 1's call has failed.
-        res0, _ = run_ranks([timed(lambda: rank0(halves(x)[0]))], RANK_TIMEOUT)[0]
-        inspect = Client(cluster.addresses[1], timeout=CALL_TIMEOUT)
-        try:
-            after = inspect.sync_batch_norm(name, C, group=group, rank=1, world_size=2)
-            assert_same_state(before, state_of(after))
-        finally:
-            inspect.close()
-        assert isinstance(res0, ServiceError), (
-            "rank 0's round completed with the contribution of a call that had already failed"
-        )
+        request = pb.ForwardRequest(ref=pb.ModuleRef(name=name, rank=1), request_id="step-26")
+        wire.encode(halves(x)[1], request.input)
+        with grpc.insecure_channel(cluster.addresses[1]) as channel:
+            stub = pb_grpc.BatchNormServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Forward(request, timeout=1.0)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Rank 0 arrives within the sync timeout, after rank 1's call has failed.
+            (res0,) = run_ranks([lambda: rank0(halves(x)[0])], RANK_TIMEOUT)
+            assert isinstance(res0, np.ndarray), repr(res0)
+            deadline = time.monotonic() + PROMPT
+            while time.monotonic() < deadline and np.array_equal(
+                rank1.running_mean, np.zeros((1, C, 1, 1), np.float32)
+            ):
+                time.sleep(0.05)
+            after = state_of(rank1)
+            assert_same_state(state_of(rank0), after)
+            retried = stub.Forward(request, timeout=CALL_TIMEOUT)
+        y1 = wire.decode(retried.output)
+        np.testing.assert_allclose(np.concatenate([res0, y1]), whole_batch(x), rtol=1e-5, atol=1e-5)
+        assert_same_state(after, state_of(rank1))  # the retry applied nothing
     finally:
         patient.close()
-        hasty.close()
+        inspect.close()
 
 
 # -- (5) a killed server ---------------------------------------------------------------------------
@@ -466,161 +473,7 @@ def test_restarted_coordinator_does_not_hang_servers(private_cluster: Cluster, g
             c.close()
 
 
-# -- (7) the coordinator forgets finished and abandoned rounds -------------------------------------
-
-
-KEY = RoundKey("g", "bn", Phase.FORWARD)
-
-
-def part(n: int, c: int = 3) -> Contribution:
-    g = np.random.default_rng(n)
-    return Contribution(n, (g.standard_normal(c), g.uniform(1, 2, c)))
-
-
-def contribute_all(
-    coordinator: Coordinator,
-    calls: Sequence[tuple[int, int, Any, Contribution]],
-    stagger: float = 0.0,
-) -> list[Any]:
-    """Each (rank, world_size, signature, part) contributes in its own thread."""
-
-    def one(delay: float, rank: int, world: int, sig: Any, p: Contribution) -> Callable[[], Any]:
-        def run() -> Contribution:
-            time.sleep(delay)
-            return coordinator.contribute(KEY, rank, world, sig, p)
-
-        return run
-
-    return run_ranks([one(stagger * i, *call) for i, call in enumerate(calls)], timeout=10.0)
-
-
-def test_coordinator_forgets_completed_rounds() -> None:
-    coordinator = Coordinator(timeout=5.0)
-    for _ in range(3):
-        results = contribute_all(coordinator, [(r, 3, "sig", part(r + 2)) for r in range(3)])
-        assert all(isinstance(r, Contribution) for r in results), results
-        assert results[0].count == 2 + 3 + 4
-        for r in results[1:]:
-            np.testing.assert_array_equal(r.vectors[0], results[0].vectors[0])
-        assert len(coordinator) == 0
-
-
-def test_coordinator_forgets_timed_out_rounds() -> None:
-    coordinator = Coordinator(timeout=0.3)
-    start = time.monotonic()
-    (res,) = contribute_all(coordinator, [(0, 2, "sig", part(2))])
-    assert isinstance(res, DeadlineExceeded), repr(res)
-    assert "[1]" in str(res)
-    assert time.monotonic() - start < 3.0
-    assert len(coordinator) == 0
-    # The late rank does not pair with the abandoned round: it waits alone and times out.
-    (late,) = contribute_all(coordinator, [(1, 2, "sig", part(2))])
-    assert isinstance(late, DeadlineExceeded), repr(late)
-    assert "[0]" in str(late)
-    assert len(coordinator) == 0
-
-
-def test_coordinator_forgets_aborted_rounds() -> None:
-    coordinator = Coordinator(timeout=5.0)
-    waiting, box = start_timed(lambda: coordinator.contribute(KEY, 0, 2, "sig", part(2)))
-    deadline = time.monotonic() + 2.0
-    while len(coordinator) == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(coordinator) == 1
-    coordinator.abort(KEY, 1, 2, "bad input")
-    res, elapsed = finish(waiting, box)
-    assert isinstance(res, Aborted), repr(res)
-    assert "rank 1" in str(res) and "bad input" in str(res)
-    assert elapsed < PROMPT
-    assert len(coordinator) == 0
-
-
-def test_abort_before_peers_arrive_fails_them_on_arrival() -> None:
-    """A rank that aborts first (its input was bad) must not leave its peers waiting out
-    the timeout: the round is remembered as aborted until every rank was told."""
-    coordinator = Coordinator(timeout=5.0)
-    coordinator.abort(KEY, 1, 3, "wrong channel count")
-    assert len(coordinator) == 1
-    for rank in (0, 2):
-        (res,) = contribute_all(coordinator, [(rank, 3, "sig", part(2))])
-        assert isinstance(res, Aborted) and "wrong channel count" in str(res), repr(res)
-    assert len(coordinator) == 0
-    # The next step is a fresh round.
-    results = contribute_all(coordinator, [(r, 3, "sig", part(2)) for r in range(3)])
-    assert all(isinstance(r, Contribution) for r in results), results
-    assert len(coordinator) == 0
-
-
-def test_aborted_round_nobody_joins_is_forgotten_at_its_deadline() -> None:
-    coordinator = Coordinator(timeout=0.2)
-    coordinator.abort(KEY, 0, 2, "bad input")
-    time.sleep(0.3)
-    assert len(coordinator) == 0
-
-
-@pytest.mark.parametrize("fault", ["signature", "world_size", "duplicate"])
-def test_coordinator_forgets_rejected_rounds(fault: str) -> None:
-    coordinator = Coordinator(timeout=5.0)
-    second = {
-        "signature": (1, 2, "other", part(2)),
-        "world_size": (1, 3, "sig", part(2)),
-        "duplicate": (0, 2, "sig", part(2)),
-    }[fault]
-    start = time.monotonic()
-    first_res, second_res = contribute_all(
-        coordinator, [(0, 2, "sig", part(2)), second], stagger=0.2
-    )
-    assert time.monotonic() - start < PROMPT
-    assert isinstance(first_res, Aborted), repr(first_res)
-    expected = Aborted if fault == "duplicate" else InvalidArgument
-    assert isinstance(second_res, expected), repr(second_res)
-    assert len(coordinator) == 0
-
-
-def test_coordinator_forgets_rounds_of_many_groups() -> None:
-    coordinator = Coordinator(timeout=0.3)
-    fns: list[Callable[[], Any]] = []
-    for i in range(20):
-        key = RoundKey(f"g{i}", "bn", Phase.BACKWARD if i % 2 else Phase.FORWARD)
-        ranks = range(2) if i % 3 else range(1)  # every third group loses rank 1
-        for r in ranks:
-            fns.append(lambda key=key, r=r: coordinator.contribute(key, r, 2, "sig", part(2)))
-    results = run_ranks(fns, timeout=10.0)
-    assert all(isinstance(r, Contribution | DeadlineExceeded) for r in results), results
-    assert any(isinstance(r, DeadlineExceeded) for r in results)
-    assert len(coordinator) == 0
-
-
-def test_invalid_contribution_fails_the_round_for_its_peers_at_once() -> None:
-    coordinator = Coordinator(timeout=5.0)
-    start = time.monotonic()
-    good, bad = contribute_all(
-        coordinator,
-        [(0, 2, "sig", part(2)), (1, 2, "sig", Contribution(-1, part(2).vectors))],
-        stagger=0.2,
-    )
-    assert isinstance(bad, InvalidArgument) and "count" in str(bad), repr(bad)
-    assert isinstance(good, Aborted) and "rank 1" in str(good), repr(good)
-    assert time.monotonic() - start < PROMPT
-    assert len(coordinator) == 0
-
-
-def test_a_rank_that_gave_up_may_resend_its_step() -> None:
-    """Rank 0 cancels and re-sends before its withdrawal lands: the re-send takes the old
-    part's place instead of failing the round as a duplicate."""
-    from bnserver.calls import CallContext
-
-    coordinator = Coordinator(timeout=5.0)
-    first = CallContext()
-    gave_up, box = start_timed(lambda: coordinator.contribute(KEY, 0, 2, "sig", part(2), first))
-    time.sleep(0.1)
-    first.cancelled.set()
-    results = contribute_all(coordinator, [(0, 2, "sig", part(3)), (1, 2, "sig", part(4))])
-    assert all(isinstance(r, Contribution) for r in results), results
-    assert results[0].count == 3 + 4  # the re-sent part, not the withdrawn one
-    res, _ = finish(gave_up, box)
-    assert isinstance(res, Aborted), repr(res)
-    assert len(coordinator) == 0
+# -- (7) a malformed tensor ------------------------------------------------------------------------
 
 
 def test_malformed_tensor_from_a_rank_aborts_its_peers(

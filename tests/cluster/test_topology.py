@@ -15,9 +15,9 @@ import numpy as np
 import yaml
 
 from bnclient import Client
-from bnserver.cli import build_parser
-from bnserver.launch import wait_serving
-from bnserver.local_cluster import cluster_commands
+from bnserver.cli.cluster import cluster_commands
+from bnserver.cli.main import build_parser
+from bnserver.cli.processes import wait_serving
 from tests.cluster.conftest import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def _free_port_range(count: int) -> int:
 def test_up_starts_coordinator_and_servers_then_stops_on_sigterm(tmp_path: Path) -> None:
     base = _free_port_range(3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bnserver.cli", "up", "--servers", "2", "--port", str(base),
+        [sys.executable, "-m", "bnserver.cli.main", "up", "--servers", "2", "--port", str(base),
          "--state-dir", str(tmp_path), "--sync-timeout", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -145,7 +145,7 @@ def test_readme_sync_example_runs_against_a_cluster(tmp_path: Path) -> None:
     ]
     base = _free_port_range(3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bnserver.cli", "up", "--servers", "2", "--port", str(base),
+        [sys.executable, "-m", "bnserver.cli.main", "up", "--servers", "2", "--port", str(base),
          "--state-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -60,7 +60,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
 from bnclient import Client
-from bnserver.launch import ServerProcess, start_coordinator, start_server
+from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 
@@ -535,7 +535,7 @@ def load_state_requests(draw: st.DrawFn) -> pb.LoadStateRequest:
 
 
 rounds = st.builds(
-    lambda g, m, p: pb.RoundRef(group=g, module=m, phase=p),
+    lambda g, m, p: pb.Ticket(group=g, module=m, phase=p),
     names,
     names,
     st.one_of(st.sampled_from([1, 2, 1, 2, 0]), enums),
@@ -557,14 +557,11 @@ def reduce_requests(draw: st.DrawFn) -> pb.ReduceRequest:
                 tensors(st.one_of(st.lists(st.integers(0, 4), max_size=2), shapes)), max_size=3
             )
         )
-    return pb.ReduceRequest(
-        round=draw(rounds),
-        rank=draw(st.one_of(st.integers(0, 3), int32s)),
-        world_size=draw(st.one_of(st.just(1), st.integers(2, 4), int32s)),
-        signature=draw(strings),
-        count=draw(counts),
-        vectors=vectors,
-    )
+    ticket = draw(rounds)
+    ticket.rank = draw(st.one_of(st.integers(0, 3), int32s))
+    ticket.world_size = draw(st.one_of(st.just(1), st.integers(2, 4), int32s))
+    ticket.signature = draw(strings)
+    return pb.ReduceRequest(ticket=ticket, count=draw(counts), vectors=vectors)
 
 
 @st.composite
@@ -573,21 +570,26 @@ def full_rounds(draw: st.DrawFn) -> pb.ReduceRequest:
     c = draw(st.integers(0, 4))
     world_size = draw(st.integers(2, 4))
     return pb.ReduceRequest(
-        round=pb.RoundRef(
+        ticket=pb.Ticket(
             group=draw(st.sampled_from(["fz.g", "g"])),
             module=draw(st.sampled_from(["fz.m", "m"])),
             phase=draw(st.sampled_from([pb.PHASE_FORWARD, pb.PHASE_BACKWARD])),
+            rank=draw(st.integers(0, world_size - 1)),
+            world_size=world_size,
+            signature=draw(strings),
         ),
-        rank=draw(st.integers(0, world_size - 1)),
-        world_size=world_size,
-        signature=draw(strings),
         count=draw(peer_counts),
         vectors=[f64_vector(c, draw(fills), draw(seeds)) for _ in range(2)],
     )
 
 
+def _abort_request(t: pb.Ticket, rank: int, reason: str, ws: int) -> pb.AbortRequest:
+    t.rank, t.world_size = rank, ws
+    return pb.AbortRequest(ticket=t, reason=reason)
+
+
 abort_requests = st.builds(
-    lambda r, rank, reason, ws: pb.AbortRequest(round=r, rank=rank, reason=reason, world_size=ws),
+    _abort_request,
     rounds,
     int32s,
     strings,
@@ -906,7 +908,7 @@ def parse(cls: type[Message], payloads: list[bytes]) -> list[Message] | None:
 
 def reduce_is_valid(request: pb.ReduceRequest) -> bool:
     """Whether the coordinator would accept this contribution (so a round can complete)."""
-    r = request.round
+    r = request.ticket
     if r.phase not in (pb.PHASE_FORWARD, pb.PHASE_BACKWARD) or not (r.group and r.module):
         return False
     vectors = [decodes(v) for v in request.vectors]
@@ -1191,14 +1193,14 @@ class Fuzzer:
         return (first.ref.name, first.ref.rank) in self.waiting
 
     def send_reduce(self, case: Case, request: pb.ReduceRequest) -> None:
-        ws, rank = request.world_size, request.rank
+        ws, rank = request.ticket.world_size, request.ticket.rank
         if not (ws >= 2 and 0 <= rank < ws):
             outcome = self.call(case.target, COORD, "Reduce", case.payloads, CALL_TIMEOUT)
             self.record(case, case.payloads, outcome, CALL_TIMEOUT, False)
             return
         # The call could wait for peers: a round of its own, so that nothing else joins it.
-        if request.round.module:
-            request.round.module = f"{request.round.module[:64]}#{next(self.unique)}"
+        if request.ticket.module:
+            request.ticket.module = f"{request.ticket.module[:64]}#{next(self.unique)}"
         payloads = [request.SerializeToString()]
         if not reduce_is_valid(request):
             # Answered at once; the deadline only matters if the server disagrees.
@@ -1217,7 +1219,7 @@ class Fuzzer:
         for r in range(ws):
             peer = pb.ReduceRequest()
             peer.CopyFrom(request)
-            peer.rank = r
+            peer.ticket.rank = r
             peer.count = all_counts[r]
             payload = peer.SerializeToString()
             calls.append((payload, time.monotonic(), fn.future(payload, timeout=ROUND_TIMEOUT)))
@@ -1426,10 +1428,14 @@ def expiring_rounds(fz: Fuzzer) -> None:
     sent: list[Case] = []
     for ws in EXPIRE_WORLD_SIZES:
         request = pb.ReduceRequest(
-            round=pb.RoundRef(group="fz.expire", module=f"m{ws}", phase=pb.PHASE_FORWARD),
-            rank=0,
-            world_size=ws,
-            signature="s",
+            ticket=pb.Ticket(
+                group="fz.expire",
+                module=f"m{ws}",
+                phase=pb.PHASE_FORWARD,
+                rank=0,
+                world_size=ws,
+                signature="s",
+            ),
             count=4,
             vectors=[f64_vector(3), f64_vector(3)],
         )

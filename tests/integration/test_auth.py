@@ -2,8 +2,9 @@
 
 Without a valid bearer token every call but health is UNAUTHENTICATED; each
 tenant has its own module namespace (another tenant's module is NOT_FOUND and
-never listed) and its own sync groups; tokens never reach the log; a server
-reaches a coordinator that has an auth file with BNSERVER_COORDINATOR_TOKEN.
+never listed) and its own sync groups; tokens never reach the log; the
+coordinator service takes peer tokens only (a tenant's token is
+PERMISSION_DENIED), and a server reaches a coordinator with its peer token.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import bnclient
 from bnclient import Client
-from bnserver.launch import ServerProcess, start_coordinator, start_server
+from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
@@ -36,6 +37,7 @@ C = 3
 ALICE = "alice-" + secrets.token_hex(16)
 BOB = "bob-" + secrets.token_hex(16)
 WRONG = "wrong-" + secrets.token_hex(16)
+PEER = "peer-" + secrets.token_hex(16)
 TOKENS = {"alice": ALICE, "bob": BOB}
 TOKEN_ENV = "BNSERVER_COORDINATOR_TOKEN"
 
@@ -89,8 +91,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, auth_file: Path) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def coordinator(auth_file: Path) -> Iterator[ServerProcess]:
-    proc = start_coordinator("--auth-file", str(auth_file), "--sync-timeout", "5")
+def peer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("peers") / "peer-tokens"
+    path.write_text(f"# servers allowed on the coordinator\n{PEER}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def coordinator(peer_file: Path) -> Iterator[ServerProcess]:
+    proc = start_coordinator("--peer-token-file", str(peer_file), "--sync-timeout", "5")
     yield proc
     proc.kill()
 
@@ -135,7 +144,9 @@ def _requests(ref: pb.ModuleRef | None) -> dict[str, Any]:
         affine=True,
         track_running_stats=True,
     )
-    rnd = pb.RoundRef(group="g", module=ref.name, phase=pb.PHASE_FORWARD)
+    ticket = pb.Ticket(
+        group="g", module=ref.name, phase=pb.PHASE_FORWARD, rank=0, world_size=2, signature="s"
+    )
     return {
         "CreateModule": pb.CreateModuleRequest(ref=ref, config=config),
         "GetModule": pb.GetModuleRequest(ref=ref),
@@ -157,7 +168,7 @@ def _requests(ref: pb.ModuleRef | None) -> dict[str, Any]:
         "ResetRunningStats": pb.ResetRequest(ref=ref),
         "ResetParameters": pb.ResetRequest(ref=ref),
         "GetState": pb.GetStateRequest(ref=ref),
-        "Abort": pb.AbortRequest(round=rnd, rank=0, world_size=2, reason="test"),
+        "Abort": pb.AbortRequest(ticket=ticket, reason="test"),
     }
 
 
@@ -248,9 +259,13 @@ def test_every_rpc_needs_a_valid_token(
 @pytest.mark.parametrize(("service", "method"), ALL_RPCS, ids=RPC_IDS)
 def test_every_rpc_passes_auth_with_a_valid_token(server, service, method) -> None:
     """The control: with a tenant's token the same stubs reach the service (empty requests
-    are then INVALID_ARGUMENT or NOT_FOUND, ListModules OK; never UNAUTHENTICATED)."""
+    are then INVALID_ARGUMENT or NOT_FOUND, ListModules OK; never UNAUTHENTICATED); the
+    coordinator service is for peers, so a tenant's token there is PERMISSION_DENIED."""
     with grpc.insecure_channel(server.address) as channel:
         code, details = call_rpc(channel, service, method, bearer(BOB))
+    if service is COORD_SERVICE:
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (code, details)
+        return
     expected = grpc.StatusCode.OK if method.name == "ListModules" else None
     reached = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
     assert code == expected or code in reached, (code, details)
@@ -470,11 +485,11 @@ def test_bad_auth_file_line_is_not_echoed(tmp_path: Path) -> None:
     assert ALICE not in output
 
 
-# -- a coordinator with an auth file ---------------------------------------------
+# -- a coordinator with a peer token file -----------------------------------------
 
 
 @pytest.mark.parametrize("credentials", list(BAD_CREDENTIALS), ids=list(BAD_CREDENTIALS))
-def test_coordinator_rpcs_need_a_valid_token(coordinator, credentials) -> None:
+def test_coordinator_rpcs_need_a_valid_peer_token(coordinator, credentials) -> None:
     with grpc.insecure_channel(coordinator.address) as channel:
         for service, method in ALL_RPCS:
             if service is not COORD_SERVICE:
@@ -482,11 +497,52 @@ def test_coordinator_rpcs_need_a_valid_token(coordinator, credentials) -> None:
             ref = pb.ModuleRef(name="m")
             code, details = call_rpc(channel, service, method, BAD_CREDENTIALS[credentials], ref)
             assert code == grpc.StatusCode.UNAUTHENTICATED, (method.name, code, details)
-            # Control: with a token the call gets past auth.
-            code, details = call_rpc(channel, service, method, bearer(ALICE))
+            # Control: with the peer token the call gets past auth.
+            code, details = call_rpc(channel, service, method, bearer(PEER))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.name, code, details)
-        code, _ = call_reflection(channel, BAD_CREDENTIALS[credentials])
-        assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tenants_cannot_touch_rounds_on_the_embedded_coordinator(server, alice) -> None:
+    """bob, with his own valid token, calls Abort and Reduce on alice's round in a loop
+    while alice trains a 2-rank SyncBatchNorm: every call is PERMISSION_DENIED, and
+    every one of alice's steps succeeds."""
+    name = "alice.sync"
+    ranks = [alice.sync_batch_norm(name, C, group="g", rank=r, world_size=2) for r in range(2)]
+    ticket = pb.Ticket(
+        tenant="alice", group="g", module=name, phase=pb.PHASE_FORWARD, rank=1, world_size=2
+    )
+    ticket.signature = "SyncBatchNorm"
+    stop = time.monotonic() + 2.0
+    denied: list[grpc.StatusCode] = []
+
+    def bob_attacks() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.CoordinatorServiceStub(channel)
+            while time.monotonic() < stop:
+                for call in (
+                    lambda: stub.Abort(
+                        pb.AbortRequest(ticket=ticket, reason="bob"), metadata=bearer(BOB)
+                    ),
+                    lambda: stub.Reduce(pb.ReduceRequest(ticket=ticket), metadata=bearer(BOB)),
+                ):
+                    try:
+                        call()
+                        denied.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as err:
+                        denied.append(err.code())  # type: ignore[attr-defined]
+
+    steps = 0
+    with ThreadPoolExecutor(3) as pool:
+        attack = pool.submit(bob_attacks)
+        while time.monotonic() < stop:
+            x = batch(steps)
+            futures = [pool.submit(ranks[r], x[r * 2 : r * 2 + 2]) for r in range(2)]
+            for f in futures:
+                f.result(timeout=10)  # raises if bob got through
+            steps += 1
+        attack.result()
+    assert steps > 5 and denied
+    assert set(denied) == {grpc.StatusCode.PERMISSION_DENIED}
 
 
 def _start_server_with_token(
@@ -522,10 +578,10 @@ def test_server_with_coordinator_token_syncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator: ServerProcess
 ) -> None:
     servers = [
-        _start_server_with_token(monkeypatch, tmp_path / f"s{i}", coordinator, BOB)
+        _start_server_with_token(monkeypatch, tmp_path / f"s{i}", coordinator, PEER)
         for i in range(2)
     ]
-    assert TOKEN_ENV not in os.environ or os.environ[TOKEN_ENV] != BOB
+    assert TOKEN_ENV not in os.environ or os.environ[TOKEN_ENV] != PEER
     try:
         y0, y1, _ = _two_ranks([s.address for s in servers], "coord.ok")
     finally:
@@ -539,8 +595,8 @@ def test_server_with_coordinator_token_syncs(
     expected = (x - mean) / np.sqrt(var + 1e-5)
     np.testing.assert_allclose(np.concatenate([y0, y1]), expected, rtol=1e-4, atol=1e-4)
     for s in servers:
-        assert BOB not in s.stderr
-    assert BOB not in coordinator.stderr
+        assert PEER not in s.stderr
+    assert PEER not in coordinator.stderr
 
 
 @pytest.mark.parametrize("token", [WRONG, None], ids=["wrong-token", "no-token"])

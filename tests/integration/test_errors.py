@@ -17,7 +17,7 @@ import pytest
 import bnclient
 from bnclient import Client
 from bnclient.errors import from_rpc_error
-from bnserver.launch import start_server
+from bnserver.cli.processes import start_server
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ import pytest
 
 import bnclient
 from bnclient import Client
-from bnserver.launch import ServerProcess, start_coordinator, start_server
+from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 
 C = 4
 MAX_REQUEST_BYTES = 16384

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bnclient import Client, NotFoundError
-from bnserver.launch import ServerProcess, start_server
+from bnserver.cli.processes import ServerProcess, start_server
 
 C = 6
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bnclient import Client, NotFoundError, UnavailableError
-from bnserver.launch import ServerProcess
+from bnserver.cli.processes import ServerProcess
 
 
 def _free_port() -> int:

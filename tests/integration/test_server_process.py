@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bnclient import Client
-from bnserver.launch import start_server
+from bnserver.cli.processes import start_server
 
 
 def test_health_reports_serving_for_server_and_service(server) -> None:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import bnclient
 from bnclient import Client
-from bnserver.launch import ServerProcess, start_coordinator, start_server
+from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 from tests.integration.certs import Certificate, self_signed
 
 C = 3

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from bnserver.config import Kind, ModuleConfig
+from bnserver.core.config import Kind, ModuleConfig
 from bnserver.engine import Engine
-from bnserver.registry import ModuleKey
+from bnserver.state.registry import ModuleKey
 
 C = 3
 
@@ -43,10 +43,10 @@ def test_a_sync_rank_failing_before_its_step_aborts_its_peers_at_once() -> None:
     must hear ABORTED now, not wait out the round timeout."""
     import time
 
-    from bnserver.config import SyncSpec
-    from bnserver.coordinator import Coordinator
+    from bnserver.core.config import SyncSpec
     from bnserver.errors import Aborted, ResourceExhausted
     from bnserver.limits import Limits
+    from bnserver.sync.coordinator import Coordinator
 
     engine = Engine(Coordinator(timeout=10.0), Limits(max_backward_bytes=64))
     keys = [ModuleKey("s", rank) for rank in range(2)]
@@ -72,7 +72,7 @@ def test_a_sync_rank_failing_before_its_step_aborts_its_peers_at_once() -> None:
 
 
 def test_put_back_respects_the_limits_and_deleted_modules() -> None:
-    from bnserver.handles import BackwardStore
+    from bnserver.state.backward_store import BackwardStore
 
     engine = Engine()
     key = ModuleKey("h")

@@ -1,4 +1,4 @@
-"""Unit tests of bnserver.kernel against the float64 reference in tests/unit/reference.py.
+"""Unit tests of bnserver.core.kernel against the float64 reference in tests/unit/reference.py.
 
 Tolerances follow the precision contract (DESIGN.md section 3):
 
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnserver import kernel
+from bnserver.core import kernel
 from tests.unit import reference as ref
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)

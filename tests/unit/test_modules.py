@@ -13,9 +13,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from bnserver.config import Kind, ModuleConfig, SyncSpec
+from bnserver.core.config import Kind, ModuleConfig, SyncSpec
 from bnserver.errors import InvalidArgument
-from bnserver.modules import BatchNorm
+from bnserver.state.batchnorm import BatchNorm
 from tests.unit import reference as ref
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)

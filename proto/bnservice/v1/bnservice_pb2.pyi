@@ -79,7 +79,17 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
     """---------------------------------------------------------------------------
     Coordinator: merges per-rank statistics of SyncBatchNorm groups. Servers
-    call it; clients never do. Only O(C) numbers cross it.
+    call it on behalf of their clients' SyncBatchNorm ranks; clients never do.
+    Callers authenticate as peers (a bearer token from --peer-token-file); a
+    tenant's token is PERMISSION_DENIED. Only O(C) numbers cross it.
+
+    A round gathers one part per rank of (tenant, group, module, phase),
+    matched by arrival, and gives every rank the identical merged result:
+    forward parts merge with Chan's parallel update in rank order, backward
+    parts add. A part once given is never withdrawn, so every rank's server
+    applies a completed round. A rank that cannot take part aborts the round:
+    waiting ranks get ABORTED at once, and ranks arriving later for that round
+    get it once each, on arrival.
     """
 
 PHASE_UNSPECIFIED: Phase.ValueType  # 0
@@ -718,66 +728,119 @@ class BackwardReplyChunk(_message.Message):
 Global___BackwardReplyChunk: _TypeAlias = BackwardReplyChunk  # noqa: Y015
 
 @_typing.final
-class RoundRef(_message.Message):
-    """Identifies the rounds a contribution can join."""
+class Ticket(_message.Message):
+    """Which round a part joins, and which rank it is from."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    TENANT_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     MODULE_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """the caller's tenant on its server ("" without auth)"""
     group: _builtins.str
     module: _builtins.str
+    """the module name the ranks share"""
     phase: Global___Phase.ValueType
+    rank: _builtins.int
+    world_size: _builtins.int
+    signature: _builtins.str
+    """The module config without the rank, e.g. "SyncBatchNorm(64, eps=1e-05,
+    momentum=0.9, affine=True, track_running_stats=True, freeze=False,
+    world_size=2, eps_mode='additive')". Every rank of a round must send the
+    same string (and the same vector length), or the round fails for all.
+    """
     def __init__(
         self,
         *,
+        tenant: _builtins.str = ...,
         group: _builtins.str = ...,
         module: _builtins.str = ...,
         phase: Global___Phase.ValueType = ...,
+        rank: _builtins.int = ...,
+        world_size: _builtins.int = ...,
+        signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "module", b"module", "phase", b"phase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "module", b"module", "phase", b"phase", "rank", b"rank", "signature", b"signature", "tenant", b"tenant", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RoundRef: _TypeAlias = RoundRef  # noqa: Y015
+Global___Ticket: _TypeAlias = Ticket  # noqa: Y015
+
+@_typing.final
+class RunningState(_message.Message):
+    """A rank's running statistics when it joined a forward round that updates
+    them: ranks whose state differs (a server restarted from an older
+    snapshot, a lost reply) are brought back in step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    VAR_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """training updates applied (num_batches_tracked)"""
+    @_builtins.property
+    def mean(self) -> Global___Tensor:
+        """float32 (C,)"""
+
+    @_builtins.property
+    def var(self) -> Global___Tensor:
+        """float32 (C,)"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        mean: Global___Tensor | None = ...,
+        var: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mean", b"mean", "var", b"var"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean", b"mean", "var", b"var", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunningState: _TypeAlias = RunningState  # noqa: Y015
 
 @_typing.final
 class ReduceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    ROUND_FIELD_NUMBER: _builtins.int
-    RANK_FIELD_NUMBER: _builtins.int
-    WORLD_SIZE_FIELD_NUMBER: _builtins.int
-    SIGNATURE_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     VECTORS_FIELD_NUMBER: _builtins.int
-    rank: _builtins.int
-    world_size: _builtins.int
-    signature: _builtins.str
-    """The group config without the rank; every rank of a round must agree."""
+    STATE_FIELD_NUMBER: _builtins.int
     count: _builtins.int
+    """elements per channel (forward), 0 (backward)"""
     @_builtins.property
-    def round(self) -> Global___RoundRef: ...
+    def ticket(self) -> Global___Ticket: ...
     @_builtins.property
     def vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
-        """float64, shape (C,)"""
+        """two float64 (C,) vectors, see Phase"""
+
+    @_builtins.property
+    def state(self) -> Global___RunningState:
+        """forward rounds that update running statistics"""
 
     def __init__(
         self,
         *,
-        round: Global___RoundRef | None = ...,
-        rank: _builtins.int = ...,
-        world_size: _builtins.int = ...,
-        signature: _builtins.str = ...,
+        ticket: Global___Ticket | None = ...,
         count: _builtins.int = ...,
         vectors: _abc.Iterable[Global___Tensor] | None = ...,
+        state: Global___RunningState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "ticket", b"ticket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "rank", b"rank", "round", b"round", "signature", b"signature", "vectors", b"vectors", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state", "ticket", b"ticket", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -785,24 +848,40 @@ Global___ReduceRequest: _TypeAlias = ReduceRequest  # noqa: Y015
 
 @_typing.final
 class ReduceResponse(_message.Message):
-    """The merged contribution, identical for every rank of the round."""
+    """The merged part, identical for every rank of the round."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     COUNT_FIELD_NUMBER: _builtins.int
     VECTORS_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    REFERENCE_RANK_FIELD_NUMBER: _builtins.int
+    STALE_RANKS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
+    reference_rank: _builtins.int
     @_builtins.property
     def vectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    @_builtins.property
+    def reference(self) -> Global___RunningState:
+        """Set when the ranks' running states differed: every rank adopts this
+        state (that of reference_rank: highest version, lowest rank among equals)
+        before applying the round.
+        """
+
+    @_builtins.property
+    def stale_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         count: _builtins.int = ...,
         vectors: _abc.Iterable[Global___Tensor] | None = ...,
+        reference: Global___RunningState | None = ...,
+        reference_rank: _builtins.int = ...,
+        stale_ranks: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference", b"reference"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "reference", b"reference", "reference_rank", b"reference_rank", "stale_ranks", b"stale_ranks", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -812,26 +891,20 @@ Global___ReduceResponse: _TypeAlias = ReduceResponse  # noqa: Y015
 class AbortRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    ROUND_FIELD_NUMBER: _builtins.int
-    RANK_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    WORLD_SIZE_FIELD_NUMBER: _builtins.int
-    rank: _builtins.int
     reason: _builtins.str
-    world_size: _builtins.int
     @_builtins.property
-    def round(self) -> Global___RoundRef: ...
+    def ticket(self) -> Global___Ticket: ...
     def __init__(
         self,
         *,
-        round: Global___RoundRef | None = ...,
-        rank: _builtins.int = ...,
+        ticket: Global___Ticket | None = ...,
         reason: _builtins.str = ...,
-        world_size: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ticket", b"ticket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank", "reason", b"reason", "round", b"round", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -641,15 +641,17 @@ class CoordinatorServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reduce(self, request, context):
-        """Blocks until every rank of the round has contributed, the round times
-        out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+        """Blocks until every rank of the round has given its part (the merged
+        result), the round times out (DEADLINE_EXCEEDED, naming the missing
+        ranks) or fails (ABORTED; INVALID_ARGUMENT for the rank whose config
+        differs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Fails the open round for every waiting rank: this rank cannot take part.
+        """Fails the round the ticket's rank would join: it cannot take part.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -180,21 +180,25 @@ class CoordinatorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoordinatorServiceAsyncStub: ...
     Reduce: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.ReduceRequest, _bnservice_pb2.ReduceResponse]
-    """Blocks until every rank of the round has contributed, the round times
-    out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+    """Blocks until every rank of the round has given its part (the merged
+    result), the round times out (DEADLINE_EXCEEDED, naming the missing
+    ranks) or fails (ABORTED; INVALID_ARGUMENT for the rank whose config
+    differs).
     """
     Abort: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.AbortRequest, _bnservice_pb2.AbortResponse]
-    """Fails the open round for every waiting rank: this rank cannot take part."""
+    """Fails the round the ticket's rank would join: it cannot take part."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Reduce: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.ReduceRequest, _bnservice_pb2.ReduceResponse]  # type: ignore[assignment]
-    """Blocks until every rank of the round has contributed, the round times
-    out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+    """Blocks until every rank of the round has given its part (the merged
+    result), the round times out (DEADLINE_EXCEEDED, naming the missing
+    ranks) or fails (ABORTED; INVALID_ARGUMENT for the rank whose config
+    differs).
     """
     Abort: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.AbortRequest, _bnservice_pb2.AbortResponse]  # type: ignore[assignment]
-    """Fails the open round for every waiting rank: this rank cannot take part."""
+    """Fails the round the ticket's rank would join: it cannot take part."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -203,8 +207,10 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bnservice_pb2.ReduceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bnservice_pb2.ReduceResponse, _abc.Awaitable[_bnservice_pb2.ReduceResponse]]:
-        """Blocks until every rank of the round has contributed, the round times
-        out (DEADLINE_EXCEEDED, naming the missing ranks) or is aborted (ABORTED).
+        """Blocks until every rank of the round has given its part (the merged
+        result), the round times out (DEADLINE_EXCEEDED, naming the missing
+        ranks) or fails (ABORTED; INVALID_ARGUMENT for the rank whose config
+        differs).
         """
 
     @_abc_1.abstractmethod
@@ -213,6 +219,6 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bnservice_pb2.AbortRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bnservice_pb2.AbortResponse, _abc.Awaitable[_bnservice_pb2.AbortResponse]]:
-        """Fails the open round for every waiting rank: this rank cannot take part."""
+        """Fails the round the ticket's rank would join: it cannot take part."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

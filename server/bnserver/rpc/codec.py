@@ -6,12 +6,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bnserver.config import Kind, ModuleConfig, SyncSpec
+from bnserver.core.config import Kind, ModuleConfig, SyncSpec
 from bnserver.engine import ModuleInfo
 from bnserver.errors import InvalidArgument
 from bnserver.limits import Limits
-from bnserver.modules import STATE_KEYS
-from bnserver.registry import ModuleKey
+from bnserver.state.batchnorm import STATE_KEYS
+from bnserver.state.registry import ModuleKey
+from bnserver.sync.ticket import Contribution, Outcome, Phase, RunningState, Ticket
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 
@@ -98,8 +99,11 @@ def state_from_pb(msg: pb.ModuleState) -> dict[str, np.ndarray]:
     return {key: decode(getattr(msg, key)) for key in STATE_KEYS if msg.HasField(key)}  # type: ignore[arg-type]
 
 
-def decode(tensor: pb.Tensor, limits: Limits | None = None) -> np.ndarray:
-    """wire.decode (malformed: InvalidArgument), then the size limits (ResourceExhausted)."""
+def decode(tensor: pb.Tensor, limits: Limits | None = None, what: str = "") -> np.ndarray:
+    """wire.decode (malformed or absent: InvalidArgument), then the size limits
+    (ResourceExhausted). `what` names the field in messages ("input")."""
+    if what and tensor.ByteSize() == 0:
+        raise InvalidArgument(f"the request has no {what} tensor")
     try:
         array = wire.decode(tensor)
     except wire.WireError as exc:
@@ -107,3 +111,76 @@ def decode(tensor: pb.Tensor, limits: Limits | None = None) -> np.ndarray:
     if limits is not None:
         limits.check_tensor(array.shape, array.nbytes)
     return array
+
+
+# -- the coordinator's messages ---------------------------------------------------------
+
+_PHASES = {pb.PHASE_FORWARD: Phase.FORWARD, pb.PHASE_BACKWARD: Phase.BACKWARD}
+_PHASE_CODES = {phase: code for code, phase in _PHASES.items()}
+
+
+def ticket_to_pb(ticket: Ticket, out: pb.Ticket) -> None:
+    out.tenant = ticket.tenant
+    out.group = ticket.group
+    out.module = ticket.module
+    out.phase = _PHASE_CODES[ticket.phase]
+    out.rank = ticket.rank
+    out.world_size = ticket.world_size
+    out.signature = ticket.signature
+
+
+def ticket_from_pb(msg: pb.Ticket) -> Ticket:
+    """A checked Ticket; an unknown phase or out-of-range rank is InvalidArgument."""
+    phase = _PHASES.get(msg.phase)
+    if phase is None:
+        raise InvalidArgument(f"unknown phase {msg.phase}")
+    return Ticket(
+        msg.tenant, msg.group, msg.module, phase, msg.rank, msg.world_size, msg.signature
+    ).check()
+
+
+def _state_to_pb(state: RunningState, out: pb.RunningState) -> None:
+    out.version = state.version
+    wire.encode(state.mean, out.mean)
+    wire.encode(state.var, out.var)
+
+
+def _state_from_pb(msg: pb.RunningState) -> RunningState:
+    return RunningState(msg.version, decode(msg.mean), decode(msg.var))
+
+
+def reduce_request(ticket: Ticket, part: Contribution) -> pb.ReduceRequest:
+    msg = pb.ReduceRequest(count=part.count)
+    ticket_to_pb(ticket, msg.ticket)
+    for vector in part.vectors:
+        wire.encode(vector, msg.vectors.add())
+    if part.state is not None:
+        _state_to_pb(part.state, msg.state)
+    return msg
+
+
+def contribution_from_pb(msg: pb.ReduceRequest) -> Contribution:
+    """The request's checked numbers (malformed: InvalidArgument)."""
+    state = _state_from_pb(msg.state) if msg.HasField("state") else None
+    return Contribution(msg.count, tuple(decode(v) for v in msg.vectors), state).check()
+
+
+def outcome_to_pb(outcome: Outcome) -> pb.ReduceResponse:
+    msg = pb.ReduceResponse(count=outcome.count, reference_rank=outcome.reference_rank)
+    for vector in outcome.vectors:
+        wire.encode(vector, msg.vectors.add())
+    if outcome.reference is not None:
+        _state_to_pb(outcome.reference, msg.reference)
+        msg.stale_ranks.extend(outcome.stale)
+    return msg
+
+
+def outcome_from_pb(msg: pb.ReduceResponse) -> Outcome:
+    reference = _state_from_pb(msg.reference) if msg.HasField("reference") else None
+    return Outcome(
+        msg.count,
+        tuple(np.array(decode(v)) for v in msg.vectors),
+        reference,
+        msg.reference_rank,
+        tuple(msg.stale_ranks),
+    )

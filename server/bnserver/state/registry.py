@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from bnserver.config import ModuleConfig
+from bnserver.core.config import ModuleConfig
 from bnserver.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from bnserver.modules import BatchNorm
+from bnserver.state.batchnorm import BatchNorm
 
 #: Longest module name accepted, in characters.
 MAX_NAME_LENGTH = 256
@@ -40,25 +40,15 @@ def check_name(name: str) -> None:
         raise InvalidArgument("module name must contain printable characters only")
 
 
-ModuleFactory = Callable[[ModuleKey, ModuleConfig], BatchNorm]
-
-
-def plain_modules(key: ModuleKey, config: ModuleConfig) -> BatchNorm:
-    """The default factory: modules that need no coordinator."""
-    return BatchNorm(config)
-
-
 class Registry:
     """Named modules, keyed by ModuleKey. Thread-safe.
 
-    factory builds a module for a key and config (SyncBatchNorm needs its
-    name and a coordinator, which the engine supplies).
+    max_modules: modules per tenant.
     """
 
-    def __init__(self, factory: ModuleFactory = plain_modules, max_modules: int = 10_000) -> None:
+    def __init__(self, max_modules: int = 10_000) -> None:
         self._lock = threading.Lock()
         self._modules: dict[ModuleKey, BatchNorm] = {}
-        self.factory = factory
         self.max_modules = max_modules
 
     def key_for(self, name: str, config: ModuleConfig, tenant: str = "") -> ModuleKey:
@@ -79,7 +69,7 @@ class Registry:
                     raise ResourceExhausted(
                         f"a tenant may hold at most {self.max_modules} modules (--max-modules)"
                     )
-                module = self._modules[key] = self.factory(key, config)
+                module = self._modules[key] = BatchNorm(config)
                 return module, True
         if module.config != config:
             raise AlreadyExists(
@@ -124,11 +114,13 @@ class Registry:
         config: ModuleConfig,
         state: Mapping[str, np.ndarray],
         training: bool,
+        num_batches_tracked: int = 0,
     ) -> None:
         """Rebuild a module saved on disk under `key` (start-up only)."""
-        module = self.factory(key, config)
+        module = BatchNorm(config)
         module.load_state_dict(state)
         module.set_training(training)
+        module.num_batches_tracked = num_batches_tracked
         with self._lock:
             self._modules[key] = module
 

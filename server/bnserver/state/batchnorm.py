@@ -1,14 +1,23 @@
 """BatchNorm module objects: MegEngine's `_BatchNorm` semantics over the kernel.
 
-A module owns its config, parameters, running statistics, training flag and a
-lock. State arrays are float32 of shape (C,) internally and are reported in
-MegEngine's (1, C, 1, 1) shape. Every method validates everything before it
-changes anything, so a failed call leaves the module exactly as it was.
+A module owns its config, parameters, running statistics, training flag and
+two kinds of lock. State arrays are float32 of shape (C,) internally and are
+reported in MegEngine's (1, C, 1, 1) shape. Every method validates everything
+before it changes anything, so a failed call leaves the module exactly as it
+was.
 
-Corrections to the reference (DESIGN.md section 3): a training batch with one
-value per channel, a batch with non-finite statistics, a wrong channel count
-and a wrong input rank are rejected with InvalidArgument; freeze works on 2-D
-and 3-D input.
+One class serves BatchNorm1d/2d and SyncBatchNorm: a forward or backward runs
+inside a `bnserver.sync.step.Step`, which for a SyncBatchNorm rank merges the
+statistics with its peers' and for the others returns them as they are.
+
+Locks: `lock` guards the state and is held only to read parameters and apply
+a result, never while computing or waiting; `step_locks` (one per phase) are
+taken by a SyncBatchNorm rank's step and serialize its rounds. So GetState,
+LoadState, resets and snapshots never wait on the network.
+
+Corrections to the reference: a training batch with one value per channel, a
+batch with non-finite statistics, a wrong channel count and a wrong input rank
+are rejected with InvalidArgument; freeze works on 2-D and 3-D input.
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnserver import kernel
-from bnserver.calls import CallContext
-from bnserver.config import ModuleConfig
+from bnserver.core import kernel
+from bnserver.core.config import ModuleConfig
 from bnserver.errors import InvalidArgument
+from bnserver.sync.step import Step
+from bnserver.sync.ticket import Contribution, Outcome, Phase, RunningState
 
 #: Training forwards remembered per module by request id, so that a retry is not
 #: applied twice (retries follow their first attempt closely).
@@ -42,6 +52,7 @@ class SavedForBackward:
     weight:   float64 (C,) snapshot of the weight at forward time, or None.
     count:    global elements per channel when batch statistics were used
               (their gradient flows into dx), None for running statistics.
+    gate:     `kernel.variance_gate` of those statistics (eps_mode "max"), or None.
     """
 
     module: BatchNorm
@@ -50,6 +61,7 @@ class SavedForBackward:
     inv_std: kernel.Vector
     weight: kernel.Vector | None
     count: int | None
+    gate: kernel.Vector | None = None
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +71,20 @@ class SavedForBackward:
     def size_for(x: np.ndarray) -> int:
         """Bytes a context for input `x` holds: x plus three float64 (C,) vectors."""
         return int(x.nbytes) + 3 * 8 * (x.shape[1] if x.ndim > 1 else 0)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The statistics a forward normalized with.
+
+    count: global elements per channel for batch statistics, None for running ones.
+    mean, inv_std: float64 (C,). gate: see `kernel.variance_gate`.
+    """
+
+    count: int | None
+    mean: kernel.Vector
+    inv_std: kernel.Vector
+    gate: kernel.Vector | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,8 @@ class BatchNorm:
 
     weight, bias:              float32 (C,), present when config.affine.
     running_mean, running_var: float32 (C,), present when config.track_running_stats.
+    num_batches_tracked:       training updates of the running statistics so far
+                               (the version a SyncBatchNorm rank compares with its peers).
     training:                  True after creation, as in MegEngine and PyTorch.
     """
 
@@ -82,16 +110,19 @@ class BatchNorm:
         self.config = config.validate()
         c = config.num_features
         self.lock = threading.Lock()
+        self.step_locks = {phase: threading.Lock() for phase in Phase}
         self.training = True
         self.weight = np.ones(c, np.float32) if config.affine else None
         self.bias = np.zeros(c, np.float32) if config.affine else None
         track = config.track_running_stats
         self.running_mean = np.zeros(c, np.float32) if track else None
         self.running_var = np.ones(c, np.float32) if track else None
-        # Running-stats updates so far: tells callers whether a forward trained.
+        self.num_batches_tracked = 0
+        # Training updates made by this process (not persisted): tells callers whether
+        # a forward trained.
         self.updates = 0
-        # request id -> (count, mean, inv_std) of applied training forwards, oldest first
-        self._applied: OrderedDict[str, tuple[int, kernel.Vector, kernel.Vector]] = OrderedDict()
+        # request id -> what its batch-statistics forward normalized with, oldest first
+        self._applied: OrderedDict[str, Normalization] = OrderedDict()
 
     # -- forward / backward -------------------------------------------------
 
@@ -110,9 +141,6 @@ class BatchNorm:
             )
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise InvalidArgument(f"input dtype must be float16, float32 or float64, not {x.dtype}")
-
-    def abandon(self, backward: bool, reason: str) -> None:
-        """This module's call failed before its computation: tell peers (sync modules only)."""
 
     @staticmethod
     def check_grad(saved: SavedForBackward, grad_out: np.ndarray) -> None:
@@ -133,53 +161,100 @@ class BatchNorm:
         self,
         x: np.ndarray,
         keep_for_backward: bool = False,
-        call: CallContext | None = None,
         request_id: str = "",
+        step: Step | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
 
         Returns the output (same shape and dtype) and, when asked, what
-        backward needs. `call` tells when the caller gives up; a sync module
-        then stops waiting for its peers and withdraws. A training forward
+        backward needs. Batch statistics go through `step.reduce` (a
+        SyncBatchNorm rank's step merges them with its peers'). A forward
         whose `request_id` was already applied (a retry) changes nothing and
-        answers with the statistics of the first attempt, so its output is
+        normalizes with the statistics of the first attempt, so its output is
         the same.
         """
+        step = step if step is not None else Step()
         self.check_input(x)
-        cfg = self.config
         with self.lock:
             weight = None if self.weight is None else self.weight.astype(np.float64)
             bias = None if self.bias is None else self.bias.astype(np.float64)
             applied = self._applied.get(request_id) if request_id else None
-            stats = None
-            if applied is not None:
-                count, mean, inv_std = applied
-            elif self.uses_batch_stats():
-                stats = self._batch_moments(x, call)
-                count, mean = stats.count, stats.mean
-                inv_std = kernel.inv_std(stats.var, cfg.eps, self._eps_mode())
-            else:
-                assert self.running_mean is not None and self.running_var is not None
-                count, mean = None, self.running_mean.astype(np.float64)
-                running_var = self.running_var.astype(np.float64)
-                inv_std = kernel.inv_std(running_var, cfg.eps, self._eps_mode())
-            update = stats is not None and self.training and cfg.track_running_stats
-            if stats is not None and update:
-                running = self._next_running_stats(stats)
-            y = kernel.normalize(x, mean, inv_std, weight, bias)
-            if stats is not None and update:
-                self.running_mean, self.running_var = running
-                self.updates += 1
-                if request_id:
-                    self._remember(request_id, (stats.count, mean, inv_std))
+            batch = self.uses_batch_stats()
+            update = batch and self.training and self.config.track_running_stats
+            state = self._running_state() if update else None
+            running = None if batch else self._running_normalization()
+        step.needs_round = batch and applied is None
+        if applied is not None:
+            norm = applied
+        elif running is not None:
+            norm = running
+        else:
+            norm = self._batch_step(x, step, state, request_id)
+        y = kernel.normalize(x, norm.mean, norm.inv_std, weight, bias)
         saved = None
         if keep_for_backward:
-            saved = SavedForBackward(self, x, mean, inv_std, weight, count)
+            saved = SavedForBackward(
+                self, x, norm.mean, norm.inv_std, weight, norm.count, norm.gate
+            )
         return y, saved
 
-    def _remember(self, request_id: str, applied: tuple[int, kernel.Vector, kernel.Vector]) -> None:
-        """Record an applied training forward (caller holds the lock); keep the newest few."""
-        self._applied[request_id] = applied
+    def _batch_step(
+        self, x: np.ndarray, step: Step, state: RunningState | None, request_id: str
+    ) -> Normalization:
+        """Reduce this batch's statistics through `step`; apply the update if training."""
+        local = kernel.moments(x)
+        outcome = step.reduce(Contribution(local.count, (local.mean, local.m2), state))
+        stats = checked(kernel.Moments(outcome.count, *outcome.vectors))
+        mode = self._eps_mode()
+        norm = Normalization(
+            stats.count,
+            stats.mean,
+            kernel.inv_std(stats.var, self.config.eps, mode),
+            kernel.variance_gate(stats.var, self.config.eps, mode),
+        )
+        with self.lock:
+            committed = self._applied.get(request_id) if request_id else None
+            if committed is not None:
+                return committed  # a concurrent attempt of this request got here first
+            if state is not None:
+                self._apply(stats, outcome)
+            if request_id and (state is not None or self.config.sync is not None):
+                # A sync round without an update is remembered too: a retry of it
+                # must not start a round its peers will never join.
+                self._remember(request_id, norm)
+        return norm
+
+    def _apply(self, stats: kernel.Moments, outcome: Outcome) -> None:
+        """Blend `stats` into the running statistics (caller holds the lock).
+
+        A rank whose state differs from the round's reference adopts the
+        reference first, so every rank of the round ends bit-identical.
+        """
+        assert self.running_mean is not None and self.running_var is not None
+        base = self._running_state()
+        ref = outcome.reference
+        if ref is not None and not base.same_as(ref):
+            base = ref
+        mean, var = self._next_running_stats(stats, base.mean, base.var)
+        self.running_mean, self.running_var = mean, var
+        self.num_batches_tracked = base.version + 1
+        self.updates += 1
+
+    def _running_state(self) -> RunningState:
+        """This module's running statistics as a RunningState (caller holds the lock)."""
+        assert self.running_mean is not None and self.running_var is not None
+        return RunningState(self.num_batches_tracked, self.running_mean, self.running_var)
+
+    def _running_normalization(self) -> Normalization:
+        """Normalization by the running statistics (caller holds the lock)."""
+        assert self.running_mean is not None and self.running_var is not None
+        running_var = self.running_var.astype(np.float64)
+        inv_std = kernel.inv_std(running_var, self.config.eps, self._eps_mode())
+        return Normalization(None, self.running_mean.astype(np.float64), inv_std)
+
+    def _remember(self, request_id: str, norm: Normalization) -> None:
+        """Record an applied forward (caller holds the lock); keep the newest few."""
+        self._applied[request_id] = norm
         while len(self._applied) > APPLIED_IDS:
             self._applied.popitem(last=False)
 
@@ -187,44 +262,44 @@ class BatchNorm:
         self,
         saved: SavedForBackward,
         grad_out: np.ndarray,
-        call: CallContext | None = None,
+        step: Step | None = None,
     ) -> Gradients:
-        """Gradients of the forward that produced `saved`, for upstream gradient `grad_out`."""
+        """Gradients of the forward that produced `saved`, for upstream gradient `grad_out`.
+
+        With batch statistics the sums (sum(dy), sum(dy * xhat)) go through
+        `step.reduce`; dweight and dbias stay local, as in MegEngine.
+        """
+        step = step if step is not None else Step()
+        step.needs_round = saved.count is not None
         self.check_grad(saved, grad_out)
         x = saved.x
         sum_dy, sum_dy_xhat = kernel.grad_sums(x, grad_out, saved.mean, saved.inv_std)
         batch_terms = None
         if saved.count is not None:
-            g_sum_dy, g_sum_dy_xhat = self._global_grad_sums(sum_dy, sum_dy_xhat, call)
-            batch_terms = (saved.count, g_sum_dy, g_sum_dy_xhat)
-        dx = kernel.grad_input(x, grad_out, saved.mean, saved.inv_std, saved.weight, batch_terms)
+            total = step.reduce(Contribution(0, (sum_dy, sum_dy_xhat)))
+            batch_terms = (saved.count, total.vectors[0], total.vectors[1])
+        dx = kernel.grad_input(
+            x, grad_out, saved.mean, saved.inv_std, saved.weight, batch_terms, saved.gate
+        )
         if not self.config.affine or self.config.freeze:
             return Gradients(dx, None, None)
         return Gradients(dx, _report(sum_dy_xhat), _report(sum_dy))
 
-    # -- hooks for SyncBatchNorm -------------------------------------------
-
     def _eps_mode(self) -> kernel.EpsMode:
-        return "additive"
+        sync = self.config.sync
+        return "max" if sync is not None and sync.eps_mode == "max" else "additive"
 
-    def _batch_moments(self, x: np.ndarray, call: CallContext | None) -> kernel.Moments:
-        """Statistics to normalize with: this batch's (a sync module merges ranks)."""
-        return checked(kernel.moments(x))
-
-    def _global_grad_sums(
-        self, sum_dy: kernel.Vector, sum_dy_xhat: kernel.Vector, call: CallContext | None
-    ) -> tuple[kernel.Vector, kernel.Vector]:
-        return sum_dy, sum_dy_xhat
-
-    def _next_running_stats(self, stats: kernel.Moments) -> tuple[np.ndarray, np.ndarray]:
-        """The running stats after blending in `stats`; InvalidArgument if they overflow."""
-        assert self.running_mean is not None and self.running_var is not None
+    def _next_running_stats(
+        self, stats: kernel.Moments, running_mean: np.ndarray, running_var: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (C,) running stats after blending `stats` into the given ones;
+        InvalidArgument if they overflow."""
         m = np.float64(self.config.momentum)
         # float64 blend, one rounding to float32 (MegEngine blends in float32). A float64
         # scalar times the float32 state computes in float64.
-        mean = self.running_mean * m
+        mean = running_mean * m
         mean += stats.mean * (1 - m)
-        var = self.running_var * m
+        var = running_var * m
         var += stats.m2 * ((1 - m) / (stats.count - 1))
         # Both round to finite float32 iff below FLOAT32_OVERFLOW (NaN compares false).
         limit = kernel.FLOAT32_OVERFLOW
@@ -236,6 +311,12 @@ class BatchNorm:
         return mean.astype(np.float32), var.astype(np.float32)
 
     # -- state ----------------------------------------------------------------
+
+    def snapshot(self) -> tuple[bool, int, dict[str, np.ndarray]]:
+        """(training, num_batches_tracked, state_dict()) read together, under the lock."""
+        with self.lock:
+            state = {k: _report(v) for k in STATE_KEYS if (v := getattr(self, k)) is not None}
+            return self.training, self.num_batches_tracked, state
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the present entries, float32 (1, C, 1, 1), in STATE_KEYS order."""
@@ -283,8 +364,9 @@ class BatchNorm:
                 setattr(self, key, vec)
 
     def reset_running_stats(self) -> None:
-        """running_mean to zeros and running_var to ones (if tracked)."""
+        """running_mean to zeros, running_var to ones (if tracked), num_batches_tracked to 0."""
         with self.lock:
+            self.num_batches_tracked = 0
             if self.running_mean is not None:
                 self.running_mean = np.zeros_like(self.running_mean)
                 self.running_var = np.ones_like(self.running_mean)

@@ -1,19 +1,19 @@
 """gRPC servicer for bnservice.v1.BatchNormService: decode, call the engine, encode.
 
-Domain errors become status codes through the one table in `bnserver.status`.
+Domain errors become status codes through the one table in `bnserver.rpc.status`.
+A forward or backward opens its engine step as soon as it knows its module,
+before decoding the tensor, so that a tensor refused here aborts a
+SyncBatchNorm round for the peers like any other failure of the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
-from bnserver.auth import Authenticator
 from bnserver.engine import Engine
-from bnserver.errors import ServiceError
-from bnserver.protocol import (
+from bnserver.rpc.auth import Authenticator
+from bnserver.rpc.codec import (
     config_from_pb,
     decode,
     info_to_pb,
@@ -21,8 +21,9 @@ from bnserver.protocol import (
     state_from_pb,
     state_to_pb,
 )
-from bnserver.registry import ModuleKey
-from bnserver.status import call_context, rpc, rpc_stream
+from bnserver.rpc.shell import call_context, rpc, rpc_stream
+from bnserver.state.registry import ModuleKey
+from bnserver.sync.ticket import Phase
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
@@ -63,53 +64,24 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
         self.engine.delete(self._key(request.ref, context))
         return pb.DeleteModuleResponse()
 
-    def _decode(
-        self, tensor: pb.Tensor, ref: pb.ModuleRef, context: Any, backward: bool
-    ) -> np.ndarray:
-        """Decode a request's tensor; if it is refused, a sync module's peers hear at once."""
-        try:
-            return decode(tensor, self.limits)
-        except ServiceError as exc:
-            self.engine.abandon(self._key(ref, context), backward, str(exc))
-            raise
-
-    def _receive(
-        self,
-        chunks: Iterator[Any],
-        tensor_of: Callable[[Any], pb.Tensor],
-        context: Any,
-        backward: bool,
-    ) -> tuple[Any, np.ndarray]:
-        """`wire.receive` a chunk stream, telling a sync module's peers if it is refused."""
-        headers: list[Any] = []
-
-        def declared(header: Any) -> pb.Tensor:
-            headers.append(header)
-            return tensor_of(header)
-
-        try:
-            return wire.receive(chunks, declared, self.limits.check_tensor)
-        except (ServiceError, wire.WireError) as exc:
-            if headers:
-                self.engine.abandon(self._key(headers[0].ref, context), backward, str(exc))
-            raise
-
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
-        x = self._decode(request.input, request.ref, context, backward=False)
         key = self._key(request.ref, context)
-        y, handle = self.engine.forward(
-            key, x, request.keep_for_backward, call_context(context), request.request_id[:128]
-        )
+        with self.engine.step(key, Phase.FORWARD, call_context(context)) as step:
+            x = decode(request.input, self.limits, "input")
+            y, handle = self.engine.forward(
+                key, x, request.keep_for_backward, request.request_id, step
+            )
         reply = pb.ForwardResponse(backward_handle=handle)
         wire.encode(y, reply.output)
         return reply
 
     @rpc
     def Backward(self, request: pb.BackwardRequest, context: Any) -> pb.BackwardResponse:
-        dy = self._decode(request.grad_output, request.ref, context, backward=True)
         key = self._key(request.ref, context)
-        grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
+        with self.engine.step(key, Phase.BACKWARD, call_context(context)) as step:
+            dy = decode(request.grad_output, self.limits, "grad_output")
+            grads = self.engine.backward(key, request.backward_handle, dy, step)
         reply = pb.BackwardResponse()
         wire.encode(grads.grad_input, reply.grad_input)
         if grads.grad_weight is not None and grads.grad_bias is not None:
@@ -121,11 +93,15 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def StreamForward(
         self, request_iterator: Iterator[pb.ForwardChunk], context: Any
     ) -> Iterator[pb.ForwardReplyChunk]:
-        request, x = self._receive(request_iterator, lambda h: h.input, context, backward=False)
+        request, first = wire.receive_header(request_iterator)
         key = self._key(request.ref, context)
-        y, handle = self.engine.forward(
-            key, x, request.keep_for_backward, call_context(context), request.request_id[:128]
-        )
+        with self.engine.step(key, Phase.FORWARD, call_context(context)) as step:
+            x = wire.receive_tensor(
+                request.input, first, request_iterator, self.limits.check_tensor
+            )
+            y, handle = self.engine.forward(
+                key, x, request.keep_for_backward, request.request_id, step
+            )
         reply = pb.ForwardResponse(backward_handle=handle)
         yield from wire.send(pb.ForwardReplyChunk, reply, wire.encode_header(y, reply.output))
 
@@ -133,11 +109,13 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     def StreamBackward(
         self, request_iterator: Iterator[pb.BackwardChunk], context: Any
     ) -> Iterator[pb.BackwardReplyChunk]:
-        request, dy = self._receive(
-            request_iterator, lambda h: h.grad_output, context, backward=True
-        )
+        request, first = wire.receive_header(request_iterator)
         key = self._key(request.ref, context)
-        grads = self.engine.backward(key, request.backward_handle, dy, call_context(context))
+        with self.engine.step(key, Phase.BACKWARD, call_context(context)) as step:
+            dy = wire.receive_tensor(
+                request.grad_output, first, request_iterator, self.limits.check_tensor
+            )
+            grads = self.engine.backward(key, request.backward_handle, dy, step)
         reply = pb.BackwardResponse()
         if grads.grad_weight is not None and grads.grad_bias is not None:
             wire.encode(grads.grad_weight, reply.grad_weight)

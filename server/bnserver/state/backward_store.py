@@ -8,7 +8,7 @@ import weakref
 from collections import OrderedDict
 
 from bnserver.errors import NotFound, ResourceExhausted
-from bnserver.modules import BatchNorm, SavedForBackward
+from bnserver.state.batchnorm import BatchNorm, SavedForBackward
 
 #: How many spent handles are remembered to explain a NOT_FOUND.
 _TOMBSTONES = 4096

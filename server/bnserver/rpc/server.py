@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bnserver.auth import Authenticator, AuthInterceptor, Tokens
-from bnserver.coordinator import Coordinator
-from bnserver.coordinator_service import CoordinatorServicer
 from bnserver.engine import Engine
-from bnserver.handlers import add_servicer
-from bnserver.service import BatchNormServicer
+from bnserver.rpc.auth import Authenticator, AuthInterceptor, Tokens
+from bnserver.rpc.batchnorm_service import BatchNormServicer
+from bnserver.rpc.coordinator_service import CoordinatorServicer
+from bnserver.rpc.registration import add_servicer
+from bnserver.sync.coordinator import Coordinator
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 
@@ -29,15 +30,18 @@ def create_server(
     max_workers: int = 64,
     health_servicer: health.HealthServicer | None = None,
     tokens: Tokens | None = None,
+    peer_tokens: Sequence[str] | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
     """A not-yet-started server bound to `address`, and the port it bound (port 0: any).
 
     Serves the BatchNorm service over `engine` and/or the coordinator service
     over `coordinator`, plus health (SERVING once started) and reflection.
-    With `tokens` every call but health checks needs a bearer token; with
-    `credentials` the port speaks TLS. Each sync call waiting for its peers
-    holds a worker thread, hence the generous `max_workers`.
+    With `tokens` every call but health checks needs a tenant's bearer token,
+    and the coordinator service needs one of `peer_tokens` (see
+    `bnserver.rpc.auth`); with `credentials` the port speaks TLS. Each sync
+    call waiting for its peers holds a worker thread, hence the generous
+    `max_workers`.
     """
     if engine is None and coordinator is None:
         raise ValueError("a server needs an engine, a coordinator or both")
@@ -50,10 +54,12 @@ def create_server(
         max_message = min(max_message, max(engine.limits.max_request_bytes, 0) + slack)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
-        interceptors=[AuthInterceptor(tokens)] if tokens is not None else [],
+        interceptors=[AuthInterceptor(tokens, peer_tokens)] if tokens or peer_tokens else [],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+            # One server per port: a second one must fail to bind, not share the port.
+            ("grpc.so_reuseport", 0),
         ],
     )
     services = []

@@ -1,4 +1,4 @@
-"""The `bnserver` command line (DESIGN.md sections 6 and 8).
+"""The `bnserver` command line.
 
 bnserver serve [--host H] [--port P] [--state-dir DIR] [--coordinator HOST:PORT]
 bnserver coordinator [--host H] [--port P]
@@ -22,14 +22,14 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bnserver.auth import Tokens
-from bnserver.coordinator import Coordinator
-from bnserver.coordinator_service import RemoteCoordinator
+from bnserver.cli.malloc import tune_malloc
 from bnserver.engine import Engine
 from bnserver.limits import Limits
-from bnserver.memory import tune_malloc
-from bnserver.persistence import Durability, Persister, StateDir
-from bnserver.server import create_server
+from bnserver.rpc.auth import Tokens, load_peer_tokens
+from bnserver.rpc.coordinator_client import RemoteCoordinator
+from bnserver.rpc.server import create_server
+from bnserver.state.persistence import Durability, Persister, StateDir
+from bnserver.sync.coordinator import Coordinator
 
 log = logging.getLogger("bnserver")
 
@@ -71,7 +71,23 @@ def _limits(args: argparse.Namespace) -> Limits:
 
 
 def _tokens(args: argparse.Namespace) -> Tokens | None:
-    return Tokens.load(args.auth_file) if args.auth_file else None
+    auth_file = getattr(args, "auth_file", None)
+    return Tokens.load(auth_file) if auth_file else None
+
+
+def _peer_tokens(args: argparse.Namespace) -> list[str] | None:
+    return load_peer_tokens(args.peer_token_file) if args.peer_token_file else None
+
+
+def _coordinator_token(args: argparse.Namespace) -> str | None:
+    """The peer token this server presents to its --coordinator."""
+    if args.coordinator_token_file:
+        return load_peer_tokens(args.coordinator_token_file)[0]
+    return os.environ.get("BNSERVER_COORDINATOR_TOKEN") or None
+
+
+def _coordinator(args: argparse.Namespace) -> Coordinator:
+    return Coordinator(args.sync_timeout, args.max_rounds, args.max_rounds_per_tenant)
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
@@ -92,10 +108,10 @@ def serve(args: argparse.Namespace) -> int:
             args.coordinator,
             args.sync_timeout,
             credentials=grpc.ssl_channel_credentials(ca) if ca else None,
-            token=os.environ.get("BNSERVER_COORDINATOR_TOKEN"),
+            token=_coordinator_token(args),
         )
     else:
-        reducer = coordinator = Coordinator(args.sync_timeout, args.max_rounds)
+        reducer = coordinator = _coordinator(args)
     engine = Engine(reducer, _limits(args))
     state = StateDir(args.state_dir, engine.registry)
     restored = state.load()
@@ -109,6 +125,7 @@ def serve(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         health_servicer=health_servicer,
         tokens=_tokens(args),
+        peer_tokens=_peer_tokens(args),
         credentials=_server_credentials(args),
     )
     where = f"coordinator {args.coordinator}" if args.coordinator else "embedded coordinator"
@@ -123,10 +140,10 @@ def coordinator(args: argparse.Namespace) -> int:
     health_servicer = health.HealthServicer()
     server, port = create_server(
         f"{args.host}:{args.port}",
-        coordinator=Coordinator(args.sync_timeout, args.max_rounds),
+        coordinator=_coordinator(args),
         max_workers=args.max_workers,
         health_servicer=health_servicer,
-        tokens=_tokens(args),
+        peer_tokens=_peer_tokens(args),
         credentials=_server_credentials(args),
     )
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
@@ -135,7 +152,7 @@ def coordinator(args: argparse.Namespace) -> int:
 
 
 def up(args: argparse.Namespace) -> int:
-    from bnserver.local_cluster import run_cluster
+    from bnserver.cli.cluster import run_cluster
 
     return run_cluster(
         servers=args.servers,
@@ -181,12 +198,28 @@ def _add_common(p: argparse.ArgumentParser, port: int) -> None:
 def _add_server_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=64, help="gRPC worker threads (default 64)")
     p.add_argument(
-        "--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown"
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight calls get on shutdown (default 10)",
     )
     p.add_argument(
-        "--max-rounds", type=int, default=4096, help="sync rounds the coordinator holds at once"
+        "--max-rounds",
+        type=int,
+        default=4096,
+        help="sync rounds (open or failed) the coordinator holds at once (default 4096)",
     )
-    p.add_argument("--auth-file", type=Path, help="'TENANT TOKEN' lines; calls need a token")
+    p.add_argument(
+        "--max-rounds-per-tenant",
+        type=int,
+        default=1024,
+        help="the same, per tenant (default 1024)",
+    )
+    p.add_argument(
+        "--peer-token-file",
+        type=Path,
+        help="tokens (one a line) of servers allowed on the coordinator service",
+    )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
 
@@ -211,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--coordinator-ca", metavar="FILE", help="PEM root certificate of a TLS coordinator"
+    )
+    s.add_argument(
+        "--coordinator-token-file",
+        type=Path,
+        help="peer token to present to --coordinator (default: $BNSERVER_COORDINATOR_TOKEN)",
+    )
+    s.add_argument(
+        "--auth-file", type=Path, help="'TENANT TOKEN' lines; calls need a tenant's token"
     )
     s.add_argument(
         "--snapshot-interval",

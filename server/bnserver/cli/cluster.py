@@ -6,7 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
-from bnserver.launch import ServerProcess
+from bnserver.cli.processes import ServerProcess
 
 log = logging.getLogger(__name__)
 

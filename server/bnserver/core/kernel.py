@@ -478,6 +478,19 @@ def inv_std(var: Vector, eps: float, eps_mode: EpsMode = "additive") -> Vector:
     return np.asarray(1.0 / np.sqrt(var + eps))
 
 
+def variance_gate(var: Vector, eps: float, eps_mode: EpsMode = "additive") -> Vector | None:
+    """Where the normalizing variance depends on the batch: None (everywhere) for
+    "additive"; for "max" a float64 (C,) vector, 1.0 where var >= eps and 0.0
+    where max(var, eps) is the constant eps.
+
+    At var == eps the derivative of max(var, eps) is one-sided; this takes the
+    variance's (as torch.clamp_min's gradient does), so the gate is 1 there.
+    """
+    if eps_mode != "max":
+        return None
+    return np.asarray(var >= eps, dtype=np.float64)
+
+
 def _center(mean: Vector, dtype: np.dtype) -> tuple[Vector, Vector]:
     """Split `mean` into a work-dtype center and the float64 remainder mean - center.
 
@@ -718,6 +731,7 @@ def grad_input(
     inv_std: Vector,
     weight: Vector | None,
     batch_stats: tuple[int, Vector, Vector] | None,
+    gate: Vector | None = None,
 ) -> np.ndarray:
     """dx for y = (x - mean) * inv_std * weight + bias; same shape and dtype as `x`.
 
@@ -725,6 +739,8 @@ def grad_input(
     are functions of the batch and
         dx = weight * inv_std * (dy - sum(dy)/count - xhat * sum(dy*xhat)/count);
     without (running statistics) they are constants and dx = dy * weight * inv_std.
+    `gate` (see `variance_gate`) zeroes the variance term, xhat * sum(dy*xhat)/count,
+    in channels where inv_std did not depend on the batch's variance.
 
     With gain = weight * inv_std, dx = gain * dy + slope * x + offset, slope =
     -gain * inv_std * sum(dy*xhat)/count, when every channel's |mean| * inv_std
@@ -746,6 +762,8 @@ def grad_input(
         if batch_stats is not None:
             count, sum_dy, sum_dy_xhat = batch_stats
             slope = -gain * inv_std * sum_dy_xhat / count
+            if gate is not None:
+                slope = slope * gate
             center = None
             offset = -gain * sum_dy / count - mean * slope
             if not np.abs(mean * inv_std).max() <= GRAD_DIRECT_LIMIT:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bnserver.config import Kind, ModuleConfig, SyncSpec
+from bnserver.core.config import Kind, ModuleConfig, SyncSpec
 from bnserver.errors import Unavailable
-from bnserver.modules import STATE_KEYS, BatchNorm
-from bnserver.registry import ModuleKey, Registry
+from bnserver.state.batchnorm import STATE_KEYS, BatchNorm
+from bnserver.state.registry import ModuleKey, Registry
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,17 @@ class StateDir:
         with self._lock_for(key):
             if not self.registry.holds(key, module):
                 return
+            training, batches, state = module.snapshot()
             meta = {
                 "version": FORMAT_VERSION,
                 "name": key.name,
                 "rank": key.rank,
                 "tenant": key.tenant,
                 "config": _config_to_json(module.config),
-                "training": module.training,
+                "training": training,
+                "num_batches_tracked": batches,
             }
-            arrays = {k: v.reshape(-1) for k, v in module.state_dict().items()}
+            arrays = {k: v.reshape(-1) for k, v in state.items()}
             arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
             buf = io.BytesIO()
             np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -133,8 +135,8 @@ class StateDir:
         loaded = 0
         for path in sorted(self.root.glob("module-*.npz")):
             try:
-                key, config, state, training = self._read(path)
-                self.registry.restore(key, config, state, training)
+                key, config, state, training, batches = self._read(path)
+                self.registry.restore(key, config, state, training, batches)
             except Exception as exc:
                 aside = self.root / "corrupt"
                 aside.mkdir(exist_ok=True)
@@ -145,14 +147,16 @@ class StateDir:
         return loaded
 
     @staticmethod
-    def _read(path: Path) -> tuple[ModuleKey, ModuleConfig, dict[str, np.ndarray], bool]:
+    def _read(path: Path) -> tuple[ModuleKey, ModuleConfig, dict[str, np.ndarray], bool, int]:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["meta"].tobytes().decode())
             if meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown format version {meta.get('version')!r}")
             key = ModuleKey(str(meta["name"]), int(meta["rank"]), str(meta.get("tenant", "")))
             state = {k: data[k] for k in STATE_KEYS if k in data.files}
-            return key, _config_from_json(meta["config"]), state, bool(meta["training"])
+            config = _config_from_json(meta["config"])
+            batches = int(meta.get("num_batches_tracked", 0))
+            return key, config, state, bool(meta["training"]), batches
 
 
 class Durability(Enum):

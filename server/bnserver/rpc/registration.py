@@ -18,7 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from bnserver.errors import InvalidArgument
-from bnserver.status import abort_with
+from bnserver.rpc.shell import abort_with
 from bnservice.v1 import bnservice_pb2 as pb
 
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]

@@ -1,7 +1,8 @@
-"""The one table between domain errors and gRPC status codes, in both directions.
+"""Servicer scaffolding: every exception ends the call with its mapped status.
 
-Servicers wrap their methods with `rpc`, which ends a failed call with the
-mapped status; the coordinator client maps a status back with `error_for`.
+Servicers wrap their methods with `rpc` (unary replies) or `rpc_stream`
+(streamed replies); `call_context` turns the incoming call's deadline and
+cancellation into the domain layer's `CallContext`.
 """
 
 from __future__ import annotations
@@ -13,41 +14,13 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from bnserver import errors
 from bnserver.calls import CallContext
-from bnservice import wire
+from bnserver.rpc.status import status_of
 
 log = logging.getLogger(__name__)
 
-#: Domain error -> status code (DESIGN.md section 5).
-STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-_ERRORS = {code: cls for cls, code in STATUS_CODES.items()}
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a call that raised `exc` answers with."""
-    for cls in type(exc).__mro__:
-        code = STATUS_CODES.get(cls)
-        if code is not None:
-            return code, str(exc)
-    if isinstance(exc, wire.WireError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
-
-
-def error_for(code: grpc.StatusCode, message: str) -> errors.ServiceError:
-    """The domain error for a status received from another service (Unavailable if unmapped)."""
-    return _ERRORS.get(code, errors.Unavailable)(message)
-
+#: Remaining seconds beyond which a call counts as having no deadline (a year).
+NO_DEADLINE = 365 * 24 * 3600.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,6 +62,10 @@ def rpc_stream(method: F) -> F:
 
 def call_context(context: grpc.ServicerContext) -> CallContext:
     """The incoming call's deadline, and an event set when it ends (cancelled or done)."""
-    call = CallContext.with_timeout(context.time_remaining())
+    remaining: float | None = context.time_remaining()
+    # Without a deadline gRPC reports a remaining time of centuries: say "none".
+    if remaining is not None and remaining > NO_DEADLINE:
+        remaining = None
+    call = CallContext.with_timeout(remaining)
     context.add_callback(call.cancelled.set)
     return call

@@ -1,0 +1,11 @@
+"""The `bnserver` command line and the helpers that start its processes.
+
+* `main`       argument parsing and the subcommands (serve, coordinator, up, health, ...);
+* `processes`  starting `bnserver` child processes on free ports (for `up`, tests, bench);
+* `cluster`    `bnserver up`: a coordinator and N servers as local processes;
+* `malloc`     glibc tuning for a process that moves large tensors.
+"""
+
+from bnserver.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,5 @@
+import sys
+
+from bnserver.cli.main import main
+
+sys.exit(main())
