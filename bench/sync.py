@@ -61,7 +61,7 @@ def step_time(addresses: list[str], world_size: int, group: str) -> float:
     ]
     for p in procs:
         p.start()
-    times = [out.get(timeout=300) for _ in procs]
+    times: list[tuple[int, float]] = [out.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(60)
     return max(t for _, t in times)
