@@ -6,7 +6,9 @@ result; nothing here sees protobuf or gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,14 +16,24 @@ import numpy as np
 
 from bnserver.calls import CallContext
 from bnserver.core.config import ModuleConfig
-from bnserver.errors import InvalidArgument, ServiceError
+from bnserver.errors import InvalidArgument, ResourceExhausted, ServiceError
 from bnserver.limits import Limits
 from bnserver.state.backward_store import BackwardStore
-from bnserver.state.batchnorm import BatchNorm, Gradients, SavedForBackward
+from bnserver.state.batchnorm import (
+    DEDUP_WINDOW,
+    BatchNorm,
+    Gradients,
+    Persist,
+    Record,
+    SavedForBackward,
+)
 from bnserver.state.registry import ModuleKey, Registry
 from bnserver.sync.coordinator import Coordinator
 from bnserver.sync.step import Reducer, Step, SyncStep
 from bnserver.sync.ticket import Phase, Ticket
+
+#: A staged change of a module's Record.
+Change = Callable[[Record], Record]
 
 #: Longest request id accepted, in characters (a uuid4 hex is 32).
 MAX_REQUEST_ID = 128
@@ -39,28 +51,38 @@ def _info(key: ModuleKey, module: BatchNorm) -> ModuleInfo:
 
 
 class Persistence(Protocol):
-    """Told of every state change, after it happened (`bnserver.persistence.Persister`)."""
+    """Where changes become durable (`bnserver.state.persistence.Persister`).
 
-    def changed(self, key: ModuleKey, module: BatchNorm) -> None:
-        """Created, state loaded, reset or mode changed: must be durable before replying."""
+    always: whether training forwards are written before they are acknowledged.
+    """
+
+    @property
+    def always(self) -> bool: ...
+
+    def write(self, key: ModuleKey, record: Record, module: BatchNorm | None = None) -> None:
+        """Make `record` durable before it is published; raise Unavailable if it cannot be.
+        With `module`, the write is skipped (NotFound) if `module` is no longer `key`'s."""
 
     def trained(self, key: ModuleKey, module: BatchNorm) -> None:
-        """Running statistics updated by a training forward."""
+        """Running statistics updated by a training forward (written within the interval)."""
 
-    def deleted(self, key: ModuleKey) -> None: ...
+    def delete(self, key: ModuleKey, unpublish: Callable[[], None]) -> None:
+        """Remove the module's file, then call `unpublish`; Unavailable if it cannot be."""
 
 
 class Volatile:
     """No persistence (the default for an Engine built in process)."""
 
-    def changed(self, key: ModuleKey, module: BatchNorm) -> None:
+    always = False
+
+    def write(self, key: ModuleKey, record: Record, module: BatchNorm | None = None) -> None:
         pass
 
     def trained(self, key: ModuleKey, module: BatchNorm) -> None:
         pass
 
-    def deleted(self, key: ModuleKey) -> None:
-        pass
+    def delete(self, key: ModuleKey, unpublish: Callable[[], None]) -> None:
+        unpublish()
 
 
 class Engine:
@@ -72,14 +94,79 @@ class Engine:
     persistence: told of every state change (default: none; set by the CLI).
     """
 
-    def __init__(self, reducer: Reducer | None = None, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        reducer: Reducer | None = None,
+        limits: Limits | None = None,
+        dedup_window: float = DEDUP_WINDOW,
+    ) -> None:
         self.reducer: Reducer = reducer if reducer is not None else Coordinator()
         self.limits = limits if limits is not None else Limits()
-        self.registry = Registry(max_modules=self.limits.max_modules)
-        self.handles = BackwardStore(
-            self.limits.max_backward_handles, self.limits.max_backward_bytes
-        )
+        self.dedup_window = dedup_window
+        self.registry = Registry(self.limits.max_modules, dedup_window)
         self.persistence: Persistence = Volatile()
+        self._lock = threading.Lock()
+        self._handles: dict[str, BackwardStore] = {}
+        self._state_bytes: Counter[str] = Counter()
+
+    def handles(self, tenant: str) -> BackwardStore:
+        """The backward handles of `tenant`: each tenant's are bounded on their own, so
+        one tenant's calls never evict another's."""
+        with self._lock:
+            store = self._handles.get(tenant)
+            if store is None:
+                store = self._handles[tenant] = BackwardStore(
+                    self.limits.max_backward_handles, self.limits.max_backward_bytes
+                )
+            return store
+
+    def backward_handles(self) -> int:
+        """Backward contexts held, over all tenants."""
+        with self._lock:
+            stores = list(self._handles.values())
+        return sum(len(s) for s in stores)
+
+    def state_bytes(self, tenant: str | None = None) -> int:
+        """Bytes of module state accounted to `tenant` (None: the whole server)."""
+        with self._lock:
+            if tenant is None:
+                return sum(self._state_bytes.values())
+            return self._state_bytes[tenant]
+
+    def _reserve_state(self, key: ModuleKey, config: ModuleConfig) -> int:
+        """Account a new module's state bytes, or raise ResourceExhausted naming the flag."""
+        need = module_state_bytes(config)
+        with self._lock:
+            total = sum(self._state_bytes.values())
+            if total + need > self.limits.max_state_bytes:
+                raise ResourceExhausted(
+                    f"a module of {config.num_features} channels needs {need} bytes of state; "
+                    f"the server holds {total} of its {self.limits.max_state_bytes} "
+                    f"(--max-state-bytes)"
+                )
+            mine = self._state_bytes[key.tenant]
+            if mine + need > self.limits.max_tenant_state_bytes:
+                raise ResourceExhausted(
+                    f"a module of {config.num_features} channels needs {need} bytes of state; "
+                    f"this tenant holds {mine} of its {self.limits.max_tenant_state_bytes} "
+                    f"(--max-tenant-state-bytes)"
+                )
+            self._state_bytes[key.tenant] = mine + need
+        return need
+
+    def _release_state(self, key: ModuleKey, config: ModuleConfig) -> None:
+        with self._lock:
+            left = self._state_bytes[key.tenant] - module_state_bytes(config)
+            if left > 0:
+                self._state_bytes[key.tenant] = left
+            else:
+                del self._state_bytes[key.tenant]
+
+    def account_restored(self) -> None:
+        """Account the state bytes of the modules restored from disk (start-up)."""
+        with self._lock:
+            for key, module in self.registry.items():
+                self._state_bytes[key.tenant] += module_state_bytes(module.config)
 
     def step(self, key: ModuleKey, phase: Phase, call: CallContext | None = None) -> Step:
         """The step a forward or backward of `key` runs in (NotFound for an unknown key).
@@ -105,16 +192,29 @@ class Engine:
         )
 
     def create(self, key: ModuleKey, config: ModuleConfig) -> ModuleInfo:
-        """Get-or-create `key` with `config`."""
+        """Get-or-create `key` with `config`: written, then published, then answered."""
         self.limits.check_num_features(config.num_features)
         expected = self.registry.key_for(key.name, config, key.tenant)
         if expected != key:
             raise InvalidArgument(
                 f"module rank {key.rank} does not match the config's rank {expected.rank}"
             )
-        module, created = self.registry.get_or_create(key, config)
-        if created:
-            self.persistence.changed(key, module)
+        config.validate()
+        # One create or delete of a key at a time: a second creator waits until the
+        # first's module is durable (or its write failed and it tries its own).
+        with self.registry.creating(key):
+            module = self.registry.existing(key, config)
+            if module is not None:
+                return _info(key, module)
+            self.registry.check_room(key)
+            self._reserve_state(key, config)
+            try:
+                module = BatchNorm(config, self.dedup_window)
+                self.persistence.write(key, module.record())
+            except BaseException:
+                self._release_state(key, config)
+                raise
+            self.registry.publish(key, module)
         return _info(key, module)
 
     def get(self, key: ModuleKey) -> ModuleInfo:
@@ -125,8 +225,17 @@ class Engine:
         return [_info(k, m) for k, m in self.registry.items(tenant)]
 
     def delete(self, key: ModuleKey) -> None:
-        self.handles.drop_module(self.registry.delete(key))
-        self.persistence.deleted(key)
+        """Remove the module's file, then the module: a delete that cannot be written
+        leaves the module in memory and on disk (Unavailable)."""
+        with self.registry.creating(key):
+            module = self.registry.get(key)
+
+            def unpublish() -> None:
+                self.registry.delete(key)
+                self._release_state(key, module.config)
+
+            self.persistence.delete(key, unpublish)
+        self.handles(key.tenant).drop_module(module)
 
     def forward(
         self,
@@ -148,13 +257,15 @@ class Engine:
                 f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID} are allowed"
             )
         module = self.registry.get(key)
+        handles = self.handles(key.tenant)
         if keep_for_backward:
-            self.handles.check_fits(SavedForBackward.size_for(x))
+            handles.check_fits(SavedForBackward.size_for(x))
+        persist = self._persist(key, module) if self.persistence.always else None
         updates = module.updates
-        y, saved = module.forward(x, keep_for_backward, request_id, step)
-        if module.updates != updates:
+        y, saved = module.forward(x, keep_for_backward, request_id, step, persist)
+        if module.updates != updates and persist is None:
             self.persistence.trained(key, module)
-        handle = self.handles.put(saved) if saved is not None else ""
+        handle = handles.put(saved) if saved is not None else ""
         return y, handle
 
     def backward(
@@ -168,19 +279,26 @@ class Engine:
             with self.step(key, Phase.BACKWARD) as own:
                 return self.backward(key, handle, grad_out, own)
         module = self.registry.get(key)
-        saved = self.handles.take(handle, module)
+        handles = self.handles(key.tenant)
+        saved = handles.take(handle, module)
         try:
             return module.backward(saved, grad_out, step)
         except ServiceError:
             # A rejected backward (say, a malformed grad_output) must not cost the handle.
-            self.handles.put_back(handle, saved)
+            handles.put_back(handle, saved)
             raise
 
-    def set_training(self, key: ModuleKey, training: bool) -> ModuleInfo:
+    def _persist(self, key: ModuleKey, module: BatchNorm) -> Persist:
+        return lambda record: self.persistence.write(key, record, module)
+
+    def _commit(self, key: ModuleKey, change: Callable[[BatchNorm], Change]) -> ModuleInfo:
+        """Stage a change of `key`'s module, write it, then publish it."""
         module = self.registry.get(key)
-        module.set_training(training)
-        self.persistence.changed(key, module)
+        module.commit(change(module), self._persist(key, module))
         return _info(key, module)
+
+    def set_training(self, key: ModuleKey, training: bool) -> ModuleInfo:
+        return self._commit(key, lambda m: m.mode_set(training))
 
     def state(self, key: ModuleKey) -> dict[str, np.ndarray]:
         return self.registry.get(key).state_dict()
@@ -188,19 +306,17 @@ class Engine:
     def load_state(
         self, key: ModuleKey, state: Mapping[str, np.ndarray], strict: bool = True
     ) -> ModuleInfo:
-        module = self.registry.get(key)
-        module.load_state_dict(state, strict)
-        self.persistence.changed(key, module)
-        return _info(key, module)
+        return self._commit(key, lambda m: m.loaded(state, strict))
 
     def reset_running_stats(self, key: ModuleKey) -> ModuleInfo:
-        module = self.registry.get(key)
-        module.reset_running_stats()
-        self.persistence.changed(key, module)
-        return _info(key, module)
+        return self._commit(key, lambda m: m.running_stats_reset)
 
     def reset_parameters(self, key: ModuleKey) -> ModuleInfo:
-        module = self.registry.get(key)
-        module.reset_parameters()
-        self.persistence.changed(key, module)
-        return _info(key, module)
+        return self._commit(key, lambda m: m.parameters_reset)
+
+
+def module_state_bytes(config: ModuleConfig) -> int:
+    """Bytes a module's state is accounted for: its float32 (C,) entries, an allowance
+    for its dedup window's bookkeeping, and a fixed overhead."""
+    entries = 2 * int(config.affine) + 2 * int(config.track_running_stats)
+    return 4 * config.num_features * entries + 4096

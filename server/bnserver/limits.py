@@ -17,8 +17,10 @@ class Limits:
     max_tensor_elements: int = 1 << 31
     max_num_features: int = 1 << 20
     max_modules: int = 10_000  # per tenant
-    max_backward_handles: int = 64
-    max_backward_bytes: int = 2 << 30
+    max_state_bytes: int = 8 << 30  # module state, the whole server
+    max_tenant_state_bytes: int = 2 << 30  # module state, per tenant
+    max_backward_handles: int = 64  # per tenant
+    max_backward_bytes: int = 2 << 30  # per tenant
 
     def check_tensor(self, shape: Sequence[int], nbytes: int) -> None:
         """Raise ResourceExhausted if a declared tensor is over a limit (before allocating)."""

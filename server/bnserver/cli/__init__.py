@@ -2,8 +2,7 @@
 
 * `main`       argument parsing and the subcommands (serve, coordinator, up, health, ...);
 * `processes`  starting `bnserver` child processes on free ports (for `up`, tests, bench);
-* `cluster`    `bnserver up`: a coordinator and N servers as local processes;
-* `malloc`     glibc tuning for a process that moves large tensors.
+* `cluster`    `bnserver up`: a coordinator and N servers as local processes.
 """
 
 from bnserver.cli.main import main

@@ -10,25 +10,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bnserver.cli.malloc import tune_malloc
 from bnserver.engine import Engine
 from bnserver.limits import Limits
+from bnserver.malloc import tune_malloc
+from bnserver.rpc.admission import Policy
 from bnserver.rpc.auth import Tokens, load_peer_tokens
 from bnserver.rpc.coordinator_client import RemoteCoordinator
 from bnserver.rpc.server import create_server
-from bnserver.state.persistence import Durability, Persister, StateDir
+from bnserver.state.batchnorm import DEDUP_WINDOW
+from bnserver.state.persistence import (
+    Durability,
+    Persister,
+    StateDir,
+    StateDirBusy,
+    StateDirLock,
+)
 from bnserver.sync.coordinator import Coordinator
 
 log = logging.getLogger("bnserver")
@@ -38,6 +49,10 @@ DEFAULT_PORT = 50051
 DEFAULT_COORDINATOR_PORT = 50050
 DEFAULT_STATE_DIR = Path("bnserver-state")
 DEFAULT_SYNC_TIMEOUT = 30.0
+
+
+class StartupError(Exception):
+    """A reason the process cannot start, printed as one line (no traceback)."""
 
 
 def _stop_event() -> threading.Event:
@@ -86,6 +101,44 @@ def _coordinator_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("BNSERVER_COORDINATOR_TOKEN") or None
 
 
+def _policy(args: argparse.Namespace) -> Policy:
+    return Policy(args.max_calls_per_tenant, args.max_anonymous_calls, args.idle_timeout)
+
+
+def _bind(address: str, *args: Any, **kwargs: Any) -> tuple[grpc.Server, int]:
+    """`create_server`, with a port that cannot be bound as a StartupError.
+
+    The port is tried with a plain socket first, so that a taken port is our one
+    line and not gRPC's log line as well.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_server((host.strip("[]"), int(port))):
+            pass
+    except OSError as exc:
+        why = {
+            errno.EADDRINUSE: "the port is taken (another bnserver?)",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+            errno.EACCES: "permission denied",
+        }.get(exc.errno or 0, str(exc))
+        raise StartupError(f"cannot listen on {address}: {why}") from None
+    try:
+        return create_server(address, *args, **kwargs)
+    except OSError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0..65535 (0 picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (0..65535)")
+    return port
+
+
 def _coordinator(args: argparse.Namespace) -> Coordinator:
     return Coordinator(args.sync_timeout, args.max_rounds, args.max_rounds_per_tenant)
 
@@ -112,13 +165,18 @@ def serve(args: argparse.Namespace) -> int:
         )
     else:
         reducer = coordinator = _coordinator(args)
-    engine = Engine(reducer, _limits(args))
+    engine = Engine(reducer, _limits(args), args.dedup_window)
+    try:
+        lock = StateDirLock(Path(args.state_dir))
+    except StateDirBusy as exc:
+        raise StartupError(str(exc)) from None
     state = StateDir(args.state_dir, engine.registry)
     restored = state.load()
+    engine.account_restored()
     persister = Persister(state, args.snapshot_interval, Durability(args.durability))
     engine.persistence = persister
     health_servicer = health.HealthServicer()
-    server, port = create_server(
+    server, port = _bind(
         f"{args.host}:{args.port}",
         engine,
         coordinator,
@@ -127,24 +185,27 @@ def serve(args: argparse.Namespace) -> int:
         tokens=_tokens(args),
         peer_tokens=_peer_tokens(args),
         credentials=_server_credentials(args),
+        policy=_policy(args),
     )
     where = f"coordinator {args.coordinator}" if args.coordinator else "embedded coordinator"
     log.info("restored %d module(s) from %s; %s", restored, args.state_dir, where)
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
     saved = persister.close()
+    lock.release()
     log.info("saved %d module(s) to %s; bye", saved, args.state_dir)
     return 0
 
 
 def coordinator(args: argparse.Namespace) -> int:
     health_servicer = health.HealthServicer()
-    server, port = create_server(
+    server, port = _bind(
         f"{args.host}:{args.port}",
         coordinator=_coordinator(args),
         max_workers=args.max_workers,
         health_servicer=health_servicer,
         peer_tokens=_peer_tokens(args),
         credentials=_server_credentials(args),
+        policy=_policy(args),
     )
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
     log.info("coordinator stopped")
@@ -186,7 +247,7 @@ def check_health(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 picks one)")
+    p.add_argument("--port", type=_port, default=port, help=f"port (default {port}; 0 picks one)")
     p.add_argument(
         "--sync-timeout",
         type=float,
@@ -196,7 +257,27 @@ def _add_common(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def _add_server_limits(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-workers", type=int, default=64, help="gRPC worker threads (default 64)")
+    p.add_argument("--max-workers", type=int, default=256, help="gRPC worker threads (default 256)")
+    p.add_argument(
+        "--max-calls-per-tenant",
+        type=int,
+        default=64,
+        help="calls of one tenant in progress at once (default 64; without --auth-file "
+        "every caller is one tenant)",
+    )
+    p.add_argument(
+        "--max-anonymous-calls",
+        type=int,
+        default=32,
+        help="health checks in progress at once (default 32)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a call may wait for its next message, or for its client to read "
+        "one, before it is cancelled (default 30)",
+    )
     p.add_argument(
         "--grace",
         type=float,
@@ -260,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between writes of running statistics (default 1)",
     )
     s.add_argument(
+        "--dedup-window",
+        type=float,
+        default=DEDUP_WINDOW,
+        help=f"seconds a forward's request id is remembered, so that a retry is applied "
+        f"at most once (default {DEDUP_WINDOW:g}; kept with the module's state)",
+    )
+    s.add_argument(
         "--durability",
         choices=[d.value for d in Durability],
         default=Durability.SNAPSHOT.value,
@@ -311,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except StartupError as exc:
+        print(f"bnserver: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

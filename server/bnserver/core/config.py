@@ -28,6 +28,11 @@ _INPUT_NDIMS = {
 }
 
 
+#: Smallest eps accepted. Below it a near-constant float32 channel can make
+#: 1/sqrt(var + eps) overflow float32 and the outputs NaN; 1e-12 keeps inv_std
+#: within 1e6, so every finite batch gives finite outputs.
+MIN_EPS = 1e-12
+
 #: Most ranks a sync group may have.
 MAX_WORLD_SIZE = 4096
 
@@ -63,8 +68,8 @@ class ModuleConfig:
         """Return self, or raise InvalidArgument naming the first bad field."""
         if self.num_features <= 0:
             raise InvalidArgument(f"num_features must be > 0, got {self.num_features}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise InvalidArgument(f"eps must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.eps) and self.eps >= MIN_EPS):
+            raise InvalidArgument(f"eps must be a finite number >= {MIN_EPS:g}, got {self.eps}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum <= 1):
             raise InvalidArgument(f"momentum must be in [0, 1], got {self.momentum}")
         if self.freeze and not self.track_running_stats:

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from bnserver.errors import Unauthenticated
+from bnserver.rpc.admission import ANONYMOUS, PEERS, Admission, guarded
 
 #: Methods that need no token: load balancers and orchestrators probe health.
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -115,17 +116,26 @@ def _matches(token: str | None, known: Sequence[str]) -> bool:
     return found
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses calls without the right token before they reach a servicer.
+class Gate(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """The one interceptor every call passes before any of its bytes are read.
 
-    tokens: tenants' tokens (None: tenant services are open).
-    peer_tokens: tokens of peers allowed on the coordinator service (None: see
-        the module docstring).
+    Refuses calls without the right token (see the module docstring) with a
+    handler that reads nothing, and runs every other call under `admission`
+    (calls in progress per tenant, idle I/O cancelled: `bnserver.rpc.admission`).
+
+    tokens: tenants' tokens (None: tenant services are open, every caller is tenant "").
+    peer_tokens: tokens of peers allowed on the coordinator service.
     """
 
-    def __init__(self, tokens: Tokens | None, peer_tokens: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Tokens | None,
+        peer_tokens: Sequence[str] | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.tokens = tokens
         self.peer_tokens = list(peer_tokens) if peer_tokens else None
+        self.admission = admission if admission is not None else Admission()
 
     def _refusal(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         """Why a call to `method` with `token` is refused, or None to let it through."""
@@ -148,32 +158,42 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return None
         return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
 
+    def _bucket(self, method: str, token: str | None) -> str:
+        """Whose calls in progress this call counts against (it passed `_refusal`)."""
+        if method.startswith(PEER_PREFIXES):
+            return PEERS
+        if method.startswith(EXEMPT_PREFIXES) or self.tokens is None:
+            return ANONYMOUS if method.startswith(EXEMPT_PREFIXES) else ""
+        tenant = self.tokens.tenant_for(token)
+        assert tenant is not None
+        return tenant
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = details.method  # type: ignore[attr-defined]
-        metadata = details.invocation_metadata  # type: ignore[attr-defined]
-        refusal = self._refusal(method, bearer(metadata))
-        if refusal is None:
-            return continuation(details)
+        token = bearer(details.invocation_metadata)  # type: ignore[attr-defined]
         handler = continuation(details)
-        return None if handler is None else _deny_like(handler, *refusal)
+        if handler is None:
+            return None
+        refusal = self._refusal(method, token)
+        if refusal is not None:
+            return _deny_like(handler, *refusal)
+        return guarded(handler, self.admission, method, self._bucket(method, token))
 
 
 def _deny_like(
     handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same streaming shape as `handler` that refuses the call."""
+    """A handler that refuses the call without reading it."""
 
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+    # Request-streaming whatever the method's shape, so that no request message is
+    # awaited: the call ends before the client has sent anything.
+    def deny(requests: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)

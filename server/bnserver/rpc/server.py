@@ -10,7 +10,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bnserver.engine import Engine
-from bnserver.rpc.auth import Authenticator, AuthInterceptor, Tokens
+from bnserver.rpc.admission import Admission, Policy
+from bnserver.rpc.auth import Authenticator, Gate, Tokens
 from bnserver.rpc.batchnorm_service import BatchNormServicer
 from bnserver.rpc.coordinator_service import CoordinatorServicer
 from bnserver.rpc.registration import add_servicer
@@ -27,11 +28,12 @@ def create_server(
     engine: Engine | None = None,
     coordinator: Coordinator | None = None,
     *,
-    max_workers: int = 64,
+    max_workers: int = 256,
     health_servicer: health.HealthServicer | None = None,
     tokens: Tokens | None = None,
     peer_tokens: Sequence[str] | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    policy: Policy | None = None,
 ) -> tuple[grpc.Server, int]:
     """A not-yet-started server bound to `address`, and the port it bound (port 0: any).
 
@@ -39,9 +41,10 @@ def create_server(
     over `coordinator`, plus health (SERVING once started) and reflection.
     With `tokens` every call but health checks needs a tenant's bearer token,
     and the coordinator service needs one of `peer_tokens` (see
-    `bnserver.rpc.auth`); with `credentials` the port speaks TLS. Each sync
-    call waiting for its peers holds a worker thread, hence the generous
-    `max_workers`.
+    `bnserver.rpc.auth`); with `credentials` the port speaks TLS. `policy`
+    bounds what one tenant's calls can hold (`bnserver.rpc.admission`): each
+    call waiting for sync peers, or idle on I/O until cancelled, holds a worker,
+    so `max_workers` must exceed a tenant's share.
     """
     if engine is None and coordinator is None:
         raise ValueError("a server needs an engine, a coordinator or both")
@@ -54,7 +57,7 @@ def create_server(
         max_message = min(max_message, max(engine.limits.max_request_bytes, 0) + slack)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
-        interceptors=[AuthInterceptor(tokens, peer_tokens)] if tokens or peer_tokens else [],
+        interceptors=[Gate(tokens, peer_tokens, Admission(policy or Policy()))],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -76,10 +79,13 @@ def create_server(
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio raises "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"cannot listen on {address}: the port is taken or the address is not local")
     return server, port

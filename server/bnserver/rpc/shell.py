@@ -26,11 +26,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def abort_with(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
-    """End the call with the status mapped from `exc` (logging unexpected errors)."""
+    """End the call with the status mapped from `exc` (logging unexpected errors).
+
+    A call its client cancelled, or that passed its deadline, or that the idle
+    watchdog cancelled, is handled by `ended` instead."""
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
     context.abort(code, message)
+    raise AssertionError("context.abort returns only by raising")
+
+
+def ended(context: grpc.ServicerContext, exc: BaseException, method: str) -> bool:
+    """Whether `exc` only says the call is over (its client cancelled it, its deadline
+    passed or --idle-timeout cancelled it); then it is logged as one line."""
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        log.info("%s ended early: cancelled, past its deadline, or idle", method)
+        # gRPC keeps the error with the call's state; without its traceback it no
+        # longer holds the handler's frames (and the buffers they reference).
+        exc.__traceback__ = None
+        return True
+    return False
+
+
+def end_quietly(context: grpc.ServicerContext) -> NoReturn:
+    """End a unary call nobody waits for any more (gRPC sends nothing and logs nothing
+    for an aborted call)."""
+    context.abort(grpc.StatusCode.CANCELLED, "the call ended early")
     raise AssertionError("context.abort returns only by raising")
 
 
@@ -42,6 +64,8 @@ def rpc(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:
+            if ended(context, exc, method.__name__):
+                end_quietly(context)
             abort_with(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -55,6 +79,8 @@ def rpc_stream(method: F) -> F:
         try:
             yield from method(self, request, context)
         except Exception as exc:
+            if ended(context, exc, method.__name__):
+                return
             abort_with(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]

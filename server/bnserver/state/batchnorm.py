@@ -22,10 +22,12 @@ are rejected with InvalidArgument; freeze works on 2-D and 3-D input.
 
 from __future__ import annotations
 
+import secrets
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,9 +37,9 @@ from bnserver.errors import InvalidArgument
 from bnserver.sync.step import Step
 from bnserver.sync.ticket import Contribution, Outcome, Phase, RunningState
 
-#: Training forwards remembered per module by request id, so that a retry is not
-#: applied twice (retries follow their first attempt closely).
-APPLIED_IDS = 64
+#: Default seconds a request id is remembered (`--dedup-window`): a retry within it
+#: is applied at most once, however many other requests the module sees meanwhile.
+DEDUP_WINDOW = 30.0
 
 #: Names of the state entries, in state_dict order.
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -88,6 +90,46 @@ class Normalization:
 
 
 @dataclass(frozen=True)
+class Applied:
+    """A request id's applied forward: when (time.time() seconds, so that it means the
+    same after a restart) and, for a SyncBatchNorm, the round's statistics (a retry
+    cannot recompute them from its own batch; other modules' retries do)."""
+
+    at: float
+    norm: Normalization | None
+
+
+@dataclass(frozen=True)
+class Record:
+    """Everything a module holds, as one immutable value: what persistence writes and
+    what a change stages before it is published.
+
+    uid: this module's identity (a module deleted and created again has another).
+    revision: changes published so far (each write of the module carries it).
+    applied: (request id, Applied) pairs, oldest first.
+    """
+
+    config: ModuleConfig
+    uid: str
+    revision: int
+    training: bool
+    num_batches_tracked: int
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    applied: tuple[tuple[str, Applied], ...] = field(default=())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The present entries, float32 (1, C, 1, 1), in STATE_KEYS order."""
+        return {k: _report(v) for k in STATE_KEYS if (v := getattr(self, k)) is not None}
+
+
+#: Writes a staged record durably before it is published (raises to refuse the change).
+Persist = Callable[[Record], None]
+
+
+@dataclass(frozen=True)
 class Gradients:
     """Backward result: dx like x; dweight, dbias float32 (1, C, 1, 1) or None."""
 
@@ -104,12 +146,23 @@ class BatchNorm:
     num_batches_tracked:       training updates of the running statistics so far
                                (the version a SyncBatchNorm rank compares with its peers).
     training:                  True after creation, as in MegEngine and PyTorch.
+    dedup_window:              seconds a request id is remembered.
+
+    Every change is staged as a `Record`, optionally written durably (`persist`),
+    and only then published, so a write that fails changes nothing.
     """
 
-    def __init__(self, config: ModuleConfig) -> None:
+    def __init__(self, config: ModuleConfig, dedup_window: float = DEDUP_WINDOW) -> None:
         self.config = config.validate()
         c = config.num_features
+        self.dedup_window = dedup_window
+        self.uid = secrets.token_hex(8)
+        self.revision = 0
+        # `lock` guards the state and is held briefly; `commit_lock` serializes changes
+        # from staging to publishing (a durable write may sit in between); `step_locks`
+        # serialize a SyncBatchNorm rank's rounds.
         self.lock = threading.Lock()
+        self.commit_lock = threading.Lock()
         self.step_locks = {phase: threading.Lock() for phase in Phase}
         self.training = True
         self.weight = np.ones(c, np.float32) if config.affine else None
@@ -121,8 +174,8 @@ class BatchNorm:
         # Training updates made by this process (not persisted): tells callers whether
         # a forward trained.
         self.updates = 0
-        # request id -> what its batch-statistics forward normalized with, oldest first
-        self._applied: OrderedDict[str, Normalization] = OrderedDict()
+        # request id -> its applied forward, oldest first
+        self._applied: OrderedDict[str, Applied] = OrderedDict()
 
     # -- forward / backward -------------------------------------------------
 
@@ -163,15 +216,18 @@ class BatchNorm:
         keep_for_backward: bool = False,
         request_id: str = "",
         step: Step | None = None,
+        persist: Persist | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
 
         Returns the output (same shape and dtype) and, when asked, what
         backward needs. Batch statistics go through `step.reduce` (a
         SyncBatchNorm rank's step merges them with its peers'). A forward
-        whose `request_id` was already applied (a retry) changes nothing and
-        normalizes with the statistics of the first attempt, so its output is
-        the same.
+        whose `request_id` was applied within the dedup window (a retry)
+        changes nothing and normalizes with the statistics of the first
+        attempt, so its output is the same. With `persist`, a training update
+        is written durably before it is published; if the write raises,
+        nothing changes.
         """
         step = step if step is not None else Step()
         self.check_input(x)
@@ -185,11 +241,12 @@ class BatchNorm:
             running = None if batch else self._running_normalization()
         step.needs_round = batch and applied is None
         if applied is not None:
-            norm = applied
+            # A retry: the first attempt's statistics (a local batch's are its own).
+            norm = applied.norm if applied.norm is not None else self._batch_normalization(x)
         elif running is not None:
             norm = running
         else:
-            norm = self._batch_step(x, step, state, request_id)
+            norm = self._batch_step(x, step, state, request_id, persist)
         y = kernel.normalize(x, norm.mean, norm.inv_std, weight, bias)
         saved = None
         if keep_for_backward:
@@ -199,46 +256,96 @@ class BatchNorm:
         return y, saved
 
     def _batch_step(
-        self, x: np.ndarray, step: Step, state: RunningState | None, request_id: str
+        self,
+        x: np.ndarray,
+        step: Step,
+        state: RunningState | None,
+        request_id: str,
+        persist: Persist | None,
     ) -> Normalization:
         """Reduce this batch's statistics through `step`; apply the update if training."""
         local = kernel.moments(x)
         outcome = step.reduce(Contribution(local.count, (local.mean, local.m2), state))
         stats = checked(kernel.Moments(outcome.count, *outcome.vectors))
+        norm = self._normalization(stats)
+        sync = self.config.sync is not None
+        # A sync round without an update is remembered too: a retry of it must not
+        # start a round its peers will never join.
+        remember = bool(request_id) and (state is not None or sync)
+        if state is None and not remember:
+            return norm
+        entry = Applied(time.time(), norm if sync else None)
+        with self.commit_lock:
+            with self.lock:
+                committed = self._applied.get(request_id) if request_id else None
+                if committed is not None:  # a concurrent attempt of this request got here
+                    return committed.norm if committed.norm is not None else norm
+                running = self._next_state(stats, outcome) if state is not None else None
+                base = self._record() if persist is not None else None
+                if base is None:
+                    self._publish_update(running, request_id if remember else "", entry)
+                    return norm
+            # Write, then publish; readers are not held up by the write.
+            staged = replace(base, revision=base.revision + 1)
+            if running is not None:
+                mean, var, batches = running
+                staged = replace(
+                    staged, running_mean=mean, running_var=var, num_batches_tracked=batches
+                )
+            if remember:
+                staged = replace(staged, applied=(*staged.applied, (request_id, entry)))
+            assert persist is not None
+            persist(staged)
+            with self.lock:
+                self._publish_update(running, request_id if remember else "", entry)
+        return norm
+
+    def _normalization(self, stats: kernel.Moments) -> Normalization:
         mode = self._eps_mode()
-        norm = Normalization(
+        return Normalization(
             stats.count,
             stats.mean,
             kernel.inv_std(stats.var, self.config.eps, mode),
             kernel.variance_gate(stats.var, self.config.eps, mode),
         )
-        with self.lock:
-            committed = self._applied.get(request_id) if request_id else None
-            if committed is not None:
-                return committed  # a concurrent attempt of this request got here first
-            if state is not None:
-                self._apply(stats, outcome)
-            if request_id and (state is not None or self.config.sync is not None):
-                # A sync round without an update is remembered too: a retry of it
-                # must not start a round its peers will never join.
-                self._remember(request_id, norm)
-        return norm
 
-    def _apply(self, stats: kernel.Moments, outcome: Outcome) -> None:
-        """Blend `stats` into the running statistics (caller holds the lock).
+    def _batch_normalization(self, x: np.ndarray) -> Normalization:
+        """The statistics of `x` alone (a retried local forward: the same as the first's)."""
+        return self._normalization(checked(kernel.moments(x)))
 
-        A rank whose state differs from the round's reference adopts the
-        reference first, so every rank of the round ends bit-identical.
-        """
-        assert self.running_mean is not None and self.running_var is not None
+    def _next_state(
+        self, stats: kernel.Moments, outcome: Outcome
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(running_mean, running_var, num_batches_tracked) after this round (caller holds
+        the lock). A rank whose state differs from the round's reference starts from
+        the reference, so every rank of the round ends bit-identical."""
         base = self._running_state()
         ref = outcome.reference
         if ref is not None and not base.same_as(ref):
             base = ref
         mean, var = self._next_running_stats(stats, base.mean, base.var)
-        self.running_mean, self.running_var = mean, var
-        self.num_batches_tracked = base.version + 1
-        self.updates += 1
+        return mean, var, base.version + 1
+
+    def _publish_update(
+        self, running: tuple[np.ndarray, np.ndarray, int] | None, request_id: str, entry: Applied
+    ) -> None:
+        """Publish a training update and remember its request id (caller holds the lock)."""
+        if running is not None:
+            self.running_mean, self.running_var, self.num_batches_tracked = running
+            self.updates += 1
+        if request_id:
+            self._applied[request_id] = entry
+        self._forget_old(entry.at)
+        self.revision += 1
+
+    def _forget_old(self, now: float) -> None:
+        """Drop request ids older than the dedup window (caller holds the lock)."""
+        horizon = now - self.dedup_window
+        while self._applied:
+            oldest = next(iter(self._applied.values()))
+            if oldest.at >= horizon:
+                break
+            self._applied.popitem(last=False)
 
     def _running_state(self) -> RunningState:
         """This module's running statistics as a RunningState (caller holds the lock)."""
@@ -251,12 +358,6 @@ class BatchNorm:
         running_var = self.running_var.astype(np.float64)
         inv_std = kernel.inv_std(running_var, self.config.eps, self._eps_mode())
         return Normalization(None, self.running_mean.astype(np.float64), inv_std)
-
-    def _remember(self, request_id: str, norm: Normalization) -> None:
-        """Record an applied forward (caller holds the lock); keep the newest few."""
-        self._applied[request_id] = norm
-        while len(self._applied) > APPLIED_IDS:
-            self._applied.popitem(last=False)
 
     def backward(
         self,
@@ -310,24 +411,77 @@ class BatchNorm:
             )
         return mean.astype(np.float32), var.astype(np.float32)
 
-    # -- state ----------------------------------------------------------------
+    # -- state: read, stage, publish ---------------------------------------------
+
+    def record(self) -> Record:
+        """The module's whole state as one immutable Record (read under the lock)."""
+        with self.lock:
+            return self._record()
+
+    def _record(self) -> Record:
+        """`record()` for a caller that holds the lock."""
+        self._forget_old(time.time())
+        return Record(
+            self.config,
+            self.uid,
+            self.revision,
+            self.training,
+            self.num_batches_tracked,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            tuple(self._applied.items()),
+        )
+
+    def publish(self, record: Record) -> None:
+        """Make `record` the module's state (a change already staged, and written)."""
+        with self.lock:
+            self.training = record.training
+            self.num_batches_tracked = record.num_batches_tracked
+            self.weight, self.bias = record.weight, record.bias
+            self.running_mean, self.running_var = record.running_mean, record.running_var
+            self._applied = OrderedDict(record.applied)
+            self.revision = record.revision
+
+    def restore(self, record: Record) -> None:
+        """Take a record read from disk: its state and its identity (start-up only)."""
+        self.uid = record.uid
+        self.publish(record)
+
+    def staged(self, change: Callable[[Record], Record]) -> Record:
+        """The record after `change` (validation errors raise here; nothing changes)."""
+        base = self.record()
+        return replace(change(base), revision=base.revision + 1)
+
+    def commit(self, change: Callable[[Record], Record], persist: Persist | None = None) -> None:
+        """Stage `change`, write it with `persist` (if given), then publish it."""
+        with self.commit_lock:
+            record = self.staged(change)
+            if persist is not None:
+                persist(record)
+            self.publish(record)
 
     def snapshot(self) -> tuple[bool, int, dict[str, np.ndarray]]:
         """(training, num_batches_tracked, state_dict()) read together, under the lock."""
-        with self.lock:
-            state = {k: _report(v) for k in STATE_KEYS if (v := getattr(self, k)) is not None}
-            return self.training, self.num_batches_tracked, state
+        record = self.record()
+        return record.training, record.num_batches_tracked, record.state_dict()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the present entries, float32 (1, C, 1, 1), in STATE_KEYS order."""
-        with self.lock:
-            return {k: _report(v) for k in STATE_KEYS if (v := getattr(self, k)) is not None}
+        return self.record().state_dict()
 
-    def load_state_dict(self, state: Mapping[str, np.ndarray], strict: bool = True) -> None:
-        """Replace entries from (1, C, 1, 1) or (C,) arrays of any float dtype.
+    # Each change below is a function of a Record (staged by `commit`), and a method
+    # applying it in memory (what the unit tests and a volatile engine use).
+
+    def loaded(
+        self, state: Mapping[str, np.ndarray], strict: bool = True
+    ) -> Callable[[Record], Record]:
+        """The change that loads (1, C, 1, 1) or (C,) arrays of any float dtype.
 
         Unknown or absent-on-this-module keys are rejected; with `strict`, every
         present entry must be given. Values must be finite and running_var >= 0.
+        Validation happens here, before anything is staged.
         """
         present = [k for k in STATE_KEYS if getattr(self, k) is not None]
         unexpected = sorted(set(state) - set(present))
@@ -359,29 +513,43 @@ class BatchNorm:
             if key == "running_var" and (vec < 0).any():
                 raise InvalidArgument("state entry 'running_var' has negative values")
             staged[key] = vec
-        with self.lock:
-            for key, vec in staged.items():
-                setattr(self, key, vec)
+        return lambda record: replace(record, **staged)  # type: ignore[arg-type]
+
+    @staticmethod
+    def running_stats_reset(record: Record) -> Record:
+        """running_mean to zeros, running_var to ones (if tracked), num_batches_tracked 0."""
+        if record.running_mean is None:
+            return replace(record, num_batches_tracked=0)
+        return replace(
+            record,
+            running_mean=np.zeros_like(record.running_mean),
+            running_var=np.ones_like(record.running_mean),
+            num_batches_tracked=0,
+        )
+
+    @staticmethod
+    def parameters_reset(record: Record) -> Record:
+        """running_stats_reset, then weight to ones and bias to zeros (if affine)."""
+        record = BatchNorm.running_stats_reset(record)
+        if record.weight is None:
+            return record
+        return replace(record, weight=np.ones_like(record.weight), bias=np.zeros_like(record.weight))
+
+    @staticmethod
+    def mode_set(training: bool) -> Callable[[Record], Record]:
+        return lambda record: replace(record, training=training)
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        self.commit(self.loaded(state, strict))
 
     def reset_running_stats(self) -> None:
-        """running_mean to zeros, running_var to ones (if tracked), num_batches_tracked to 0."""
-        with self.lock:
-            self.num_batches_tracked = 0
-            if self.running_mean is not None:
-                self.running_mean = np.zeros_like(self.running_mean)
-                self.running_var = np.ones_like(self.running_mean)
+        self.commit(self.running_stats_reset)
 
     def reset_parameters(self) -> None:
-        """reset_running_stats(), then weight to ones and bias to zeros (if affine)."""
-        self.reset_running_stats()
-        with self.lock:
-            if self.weight is not None:
-                self.weight = np.ones_like(self.weight)
-                self.bias = np.zeros_like(self.weight)
+        self.commit(self.parameters_reset)
 
     def set_training(self, training: bool) -> None:
-        with self.lock:
-            self.training = training
+        self.commit(self.mode_set(training))
 
 
 def checked(stats: kernel.Moments) -> kernel.Moments:

@@ -23,15 +23,32 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 << 20
 
 
-def tune_malloc() -> bool:
-    """Apply the thresholds (glibc only); return whether they took effect."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim, all arenas).
+
+    The thresholds above keep freed request buffers for reuse; after calls were
+    cancelled for idleness that memory should not stay resident.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def tune_malloc() -> bool:
+    """Apply the thresholds (glibc only); return whether they took effect."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     ok = all(
         mallopt(option, value) == 1
