@@ -1,4 +1,4 @@
-"""Building gRPC servers: services, health, reflection, message limits."""
+"""Building gRPC servers: services, health, reflection, message limits, the call observer."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from bnserver.engine import Engine
+from bnserver.metrics import Metrics
 from bnserver.rpc.auth import Authenticator, AuthInterceptor, Tokens
 from bnserver.rpc.batchnorm_service import BatchNormServicer
 from bnserver.rpc.coordinator_service import CoordinatorServicer
+from bnserver.rpc.observe import CallObserver
+from bnserver.rpc.reflection import enable_reflection
 from bnserver.rpc.registration import add_servicer
-from bnserver.sync.coordinator import Coordinator
+from bnserver.sync.step import Reducer
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 
@@ -25,13 +27,14 @@ COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_
 def create_server(
     address: str = "127.0.0.1:0",
     engine: Engine | None = None,
-    coordinator: Coordinator | None = None,
+    coordinator: Reducer | None = None,
     *,
     max_workers: int = 64,
     health_servicer: health.HealthServicer | None = None,
     tokens: Tokens | None = None,
     peer_tokens: Sequence[str] | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, int]:
     """A not-yet-started server bound to `address`, and the port it bound (port 0: any).
 
@@ -41,7 +44,9 @@ def create_server(
     and the coordinator service needs one of `peer_tokens` (see
     `bnserver.rpc.auth`); with `credentials` the port speaks TLS. Each sync
     call waiting for its peers holds a worker thread, hence the generous
-    `max_workers`.
+    `max_workers`. Every call gets an access-log line (`bnserver.rpc.observe`)
+    and, with `metrics`, is counted there, as are the coordinator's rounds.
+    Raises OSError when `address` cannot be bound.
     """
     if engine is None and coordinator is None:
         raise ValueError("a server needs an engine, a coordinator or both")
@@ -52,9 +57,13 @@ def create_server(
         # chunk with its framing) reach the server's own check, which does.
         slack = wire.CHUNK_BYTES + (1 << 20)
         max_message = min(max_message, max(engine.limits.max_request_bytes, 0) + slack)
+    # The observer goes first, so that it also sees the calls auth refuses.
+    interceptors: list[grpc.ServerInterceptor] = [CallObserver(metrics, tokens)]  # type: ignore[type-arg]
+    if tokens or peer_tokens:
+        interceptors.append(AuthInterceptor(tokens, peer_tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
-        interceptors=[AuthInterceptor(tokens, peer_tokens)] if tokens or peer_tokens else [],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -67,19 +76,22 @@ def create_server(
         add_servicer(BatchNormServicer(engine, Authenticator(tokens)), "BatchNormService", server)
         services.append(BATCH_NORM_SERVICE)
     if coordinator is not None:
+        if metrics is not None:
+            coordinator = metrics.observe_reducer(coordinator)
         add_servicer(CoordinatorServicer(coordinator), "CoordinatorService", server)
         services.append(COORDINATOR_SERVICE)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    enable_reflection((*services, health.SERVICE_NAME), server)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # gRPC's "Failed to bind to address ..."
+        raise OSError(f"could not bind {address} (is the port taken?)") from exc
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address} (is the port taken?)")
     return server, port

@@ -26,7 +26,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def abort_with(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
-    """End the call with the status mapped from `exc` (logging unexpected errors)."""
+    """End the call with the status mapped from `exc` (logging unexpected errors).
+
+    A call whose caller has gone (cancelled, or past its deadline) ends as
+    CANCELLED or DEADLINE_EXCEEDED without a traceback: reading its request
+    stream raises grpc.RpcError, which is no fault of the server, and the
+    access log already has the call's one line.
+    """
+    if isinstance(exc, grpc.RpcError) or not context.is_active():
+        expired = context.time_remaining() <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        log.debug("%s ended by its caller (%s): %s", method, code.name, exc)
+        context.abort(code, "the caller cancelled the call or its deadline passed")
+        raise AssertionError("context.abort returns only by raising")
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
