@@ -5,10 +5,12 @@ COPY pyproject.toml README.md ./
 COPY proto proto
 COPY server server
 COPY client client
-RUN pip install --no-cache-dir . && useradd --create-home bnservice && mkdir /state \
+# A fixed uid, so that Kubernetes' runAsUser/fsGroup (deploy/kubernetes) match it.
+RUN pip install --no-cache-dir . && useradd --create-home --uid 1000 bnservice && mkdir /state \
     && chown bnservice /state
 USER bnservice
-EXPOSE 50050 50051
+# gRPC (coordinator 50050, server 50051) and --metrics-port (9100 in deploy/kubernetes).
+EXPOSE 50050 50051 9100
 # bnserver handles SIGTERM itself: drains calls, writes state, exits 0.
 ENTRYPOINT ["bnserver"]
 CMD ["serve", "--host", "0.0.0.0", "--state-dir", "/state"]

@@ -3,18 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVER_STAMP := $(VENV)/.installed-server
 PYTEST_ARGS ?=
 
 .PHONY: serve test check format proto bench clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+## The development install: the package, its tests' and checks' tools.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(SERVER_STAMP)
+
+## What a server needs, and nothing else (no test or lint tools).
+$(SERVER_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(SERVER_STAMP)
 
 ## Run a server on 127.0.0.1:50051 with its embedded defaults.
-serve: $(STAMP)
+serve: $(SERVER_STAMP)
 	$(BIN)/bnserver serve
 
 ## Run the whole test suite.

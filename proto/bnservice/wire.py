@@ -38,6 +38,11 @@ class WireError(ValueError):
     """A Tensor message that does not describe a valid array."""
 
 
+class TruncatedStream(WireError):
+    """A tensor stream that ended before the bytes its header declares (a client that
+    stopped sending, or whose call was cancelled)."""
+
+
 def check_header(dtype: str, shape: Sequence[int]) -> tuple[np.dtype[np.floating], int]:
     """Validate a declared dtype and shape; return (dtype, byte size). Allocates nothing."""
     if dtype not in FLOAT_DTYPES:
@@ -166,7 +171,7 @@ class Assembler:
 
     def finish(self) -> np.ndarray:
         if self.received != self.nbytes:
-            raise WireError(
+            raise TruncatedStream(
                 f"tensor chunks carry {self.received} bytes but the header declares {self.nbytes}"
             )
         return self._array

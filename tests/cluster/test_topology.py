@@ -165,3 +165,40 @@ def test_readme_sync_example_runs_against_a_cluster(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_compose_publishes_on_loopback_unless_told() -> None:
+    for name, service in _compose()["services"].items():
+        (port,) = service["ports"]
+        bind, published, target = port.rsplit(":", 2)
+        assert bind == "${BNSERVICE_PUBLISH:-127.0.0.1}", name
+        assert published == target == str(build_parser().parse_args(service["command"]).port)
+
+
+def test_compose_auth_override_turns_tokens_on_for_the_same_topology() -> None:
+    base = _compose()["services"]
+    auth = yaml.safe_load((ROOT / "docker-compose.auth.yml").read_text())
+    parser = build_parser()
+    assert set(auth["services"]) == set(base)
+    for name, service in auth["services"].items():
+        mine, theirs = (
+            parser.parse_args(service["command"]),
+            parser.parse_args(base[name]["command"]),
+        )
+        for field in ("command", "host", "port", "sync_timeout"):
+            assert getattr(mine, field) == getattr(theirs, field), (name, field)
+        files = {
+            flag: getattr(mine, flag)
+            for flag in ("auth_file", "peer_token_file", "coordinator_token_file")
+            if getattr(mine, flag, None)
+        }
+        wanted = (
+            {"peer_token_file"}
+            if mine.command == "coordinator"
+            else {"auth_file", "coordinator_token_file"}
+        )
+        assert set(files) == wanted, name
+        for path in files.values():
+            secret = Path(path).name
+            assert str(path) == f"/run/secrets/{secret}", name
+            assert secret in service["secrets"] and secret in auth["secrets"], name

@@ -3,10 +3,56 @@
 isort:skip_file
 bnservice wire protocol, version 1.
 
-Tensors travel as raw little-endian bytes (never `repeated float`), see
-DESIGN.md section 4. Module state is reported in MegEngine's (1, C, 1, 1)
-shape. Errors are gRPC status codes (DESIGN.md section 5); no reply message
-carries an error field.
+Everything a client in any language needs is in this file's comments; the
+Python SDK (bnclient) is one such client.
+
+Encoding. Tensors travel as raw little-endian bytes in `Tensor.data`
+(never `repeated float`); see `Tensor`. Module state is reported in
+MegEngine's (1, C, 1, 1) shape.
+
+Errors are gRPC status codes with a message for humans; no reply message
+carries an error field. INVALID_ARGUMENT: bad shape, dtype, channel count,
+config, a training batch with one value per channel, a non-finite batch,
+a malformed or missing tensor. NOT_FOUND: unknown module or backward
+handle. ALREADY_EXISTS: CreateModule with another config. RESOURCE_EXHAUSTED:
+over a server limit (the message names its flag). DEADLINE_EXCEEDED: the
+call's deadline, or a SyncBatchNorm round's timeout (naming the missing
+ranks). ABORTED: a SyncBatchNorm round failed for every rank.
+UNAUTHENTICATED: no or wrong token. PERMISSION_DENIED: a tenant's token on
+the coordinator service. UNAVAILABLE: the server (or its coordinator) cannot
+be reached, or a state write failed. A failed call changes nothing.
+
+Authentication. A server started with --auth-file wants the metadata
+`authorization: Bearer TOKEN` on every call but health checks; each token's
+tenant has its own module namespace.
+
+Defaults. The server fills in no default: a client sends every field of
+ModuleConfig (see there), and proto3's zero values (eps 0, momentum 0,
+affine false) mean exactly that.
+
+Message size and when to stream. A Forward reply is as large as its
+input, and gRPC libraries refuse to *receive* messages over a limit of
+their own: 4 MiB by default in grpc-js (Node.js), grpc-java and grpc-go.
+A unary Forward whose reply is over the client's limit fails on the client
+after the server has run it (and applied a training update). So send any
+tensor over 1 MiB (what the Python SDK does) through StreamForward /
+StreamBackward, or raise the client's receive limit
+("grpc.max_receive_message_length") above twice the tensor. No unary
+message may reach 2 GiB; streams carry any size.
+
+Request ids and retries. Give every Forward a fresh request_id (e.g. a
+uuid4 in hex, at most 128 characters) and reuse it when retrying that
+call: the server applies each id's training update at most once and
+answers a retry with the same output. Retry UNAVAILABLE only, with
+jittered backoff within the call's deadline, and only these calls:
+CreateModule, GetModule, ListModules, GetState, SetTraining, LoadState,
+ResetRunningStats, ResetParameters, Forward and StreamForward (same
+request_id). Never retry Backward (its handle is single use); a retried
+DeleteModule answering NOT_FOUND may mean the first attempt deleted it.
+DEADLINE_EXCEEDED is final.
+
+Also on every port: grpc.health.v1.Health (service "" and each service's
+name) and server reflection (grpc.reflection.v1 and v1alpha).
 """
 
 from collections import abc as _abc
@@ -101,8 +147,11 @@ Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
-    """A dense row-major array. `dtype` is a numpy dtype name ("float32",
-    "float16", "float64"); `data` holds prod(shape) * itemsize bytes.
+    """A dense array: row-major (C order, the last dimension varies fastest),
+    each element LITTLE-ENDIAN IEEE 754 whatever the host's byte order.
+    `dtype` is "float16", "float32" or "float64" (itemsize 2, 4, 8); `shape`
+    lists the dimensions, (N, C), (N, C, L) or (N, C, H, W) for inputs; `data`
+    holds exactly prod(shape) * itemsize bytes. Replies use the request's dtype.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -161,8 +210,9 @@ Global___SyncConfig: _TypeAlias = SyncConfig  # noqa: Y015
 
 @_typing.final
 class ModuleConfig(_message.Message):
-    """Construction arguments, MegEngine's names and meanings. Every field is
-    always sent by the SDK; the server does not fill in defaults.
+    """Construction arguments, MegEngine's names and meanings. The server fills
+    in no default: send every field. MegEngine's (and the SDK's) defaults are
+    eps 1e-5, momentum 0.9, affine true, track_running_stats true, freeze false.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -185,7 +235,7 @@ class ModuleConfig(_message.Message):
     freeze: _builtins.bool
     @_builtins.property
     def sync(self) -> Global___SyncConfig:
-        """only for MODULE_KIND_SYNC_BATCH_NORM"""
+        """only (and always) for MODULE_KIND_SYNC_BATCH_NORM"""
 
     def __init__(
         self,
@@ -209,8 +259,9 @@ Global___ModuleConfig: _TypeAlias = ModuleConfig  # noqa: Y015
 
 @_typing.final
 class ModuleRef(_message.Message):
-    """Names a module on a server. Ranks of one sync group may share a name, so
-    a sync module is found by (name, rank); other modules use rank 0.
+    """Names a module on a server (printable, 1 to 256 characters). Ranks of one
+    sync group may share a name, so a sync module is found by (name, rank);
+    other modules use rank 0.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -421,8 +472,9 @@ class ForwardRequest(_message.Message):
     keep_for_backward: _builtins.bool
     """Keep what backward needs and answer with a single-use backward handle."""
     request_id: _builtins.str
-    """Client-chosen id of this call; a retried training forward with the same
-    id is applied at most once.
+    """Client-chosen id of this call (at most 128 characters); a retry with the
+    same id is applied at most once and gets the same output. See the top of
+    this file.
     """
     @_builtins.property
     def ref(self) -> Global___ModuleRef: ...
@@ -620,11 +672,15 @@ Global___ResetRequest: _TypeAlias = ResetRequest  # noqa: Y015
 
 @_typing.final
 class ForwardChunk(_message.Message):
-    """Streams carry tensors of any size (gRPC refuses messages of 2 GiB or more).
+    """Streams carry tensors of any size (gRPC refuses messages of 2 GiB or more;
+    client libraries often refuse replies over 4 MiB, see the top of this file).
     The first message holds the header: the unary message with its large
     tensor's dtype and shape but no data. Every message may carry the next
     slice of that tensor's bytes in `data`; the slices add up exactly to
-    prod(shape) * itemsize bytes.
+    prod(shape) * itemsize bytes, in order. Send slices of about 1 MiB; the
+    server answers with a header and 1 MiB slices the same way, after it has
+    read the whole request. A stream that ends early or carries too many bytes
+    fails with INVALID_ARGUMENT and changes nothing.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -3,10 +3,56 @@
 isort:skip_file
 bnservice wire protocol, version 1.
 
-Tensors travel as raw little-endian bytes (never `repeated float`), see
-DESIGN.md section 4. Module state is reported in MegEngine's (1, C, 1, 1)
-shape. Errors are gRPC status codes (DESIGN.md section 5); no reply message
-carries an error field.
+Everything a client in any language needs is in this file's comments; the
+Python SDK (bnclient) is one such client.
+
+Encoding. Tensors travel as raw little-endian bytes in `Tensor.data`
+(never `repeated float`); see `Tensor`. Module state is reported in
+MegEngine's (1, C, 1, 1) shape.
+
+Errors are gRPC status codes with a message for humans; no reply message
+carries an error field. INVALID_ARGUMENT: bad shape, dtype, channel count,
+config, a training batch with one value per channel, a non-finite batch,
+a malformed or missing tensor. NOT_FOUND: unknown module or backward
+handle. ALREADY_EXISTS: CreateModule with another config. RESOURCE_EXHAUSTED:
+over a server limit (the message names its flag). DEADLINE_EXCEEDED: the
+call's deadline, or a SyncBatchNorm round's timeout (naming the missing
+ranks). ABORTED: a SyncBatchNorm round failed for every rank.
+UNAUTHENTICATED: no or wrong token. PERMISSION_DENIED: a tenant's token on
+the coordinator service. UNAVAILABLE: the server (or its coordinator) cannot
+be reached, or a state write failed. A failed call changes nothing.
+
+Authentication. A server started with --auth-file wants the metadata
+`authorization: Bearer TOKEN` on every call but health checks; each token's
+tenant has its own module namespace.
+
+Defaults. The server fills in no default: a client sends every field of
+ModuleConfig (see there), and proto3's zero values (eps 0, momentum 0,
+affine false) mean exactly that.
+
+Message size and when to stream. A Forward reply is as large as its
+input, and gRPC libraries refuse to *receive* messages over a limit of
+their own: 4 MiB by default in grpc-js (Node.js), grpc-java and grpc-go.
+A unary Forward whose reply is over the client's limit fails on the client
+after the server has run it (and applied a training update). So send any
+tensor over 1 MiB (what the Python SDK does) through StreamForward /
+StreamBackward, or raise the client's receive limit
+("grpc.max_receive_message_length") above twice the tensor. No unary
+message may reach 2 GiB; streams carry any size.
+
+Request ids and retries. Give every Forward a fresh request_id (e.g. a
+uuid4 in hex, at most 128 characters) and reuse it when retrying that
+call: the server applies each id's training update at most once and
+answers a retry with the same output. Retry UNAVAILABLE only, with
+jittered backoff within the call's deadline, and only these calls:
+CreateModule, GetModule, ListModules, GetState, SetTraining, LoadState,
+ResetRunningStats, ResetParameters, Forward and StreamForward (same
+request_id). Never retry Backward (its handle is single use); a retried
+DeleteModule answering NOT_FOUND may mean the first attempt deleted it.
+DEADLINE_EXCEEDED is final.
+
+Also on every port: grpc.health.v1.Health (service "" and each service's
+name) and server reflection (grpc.reflection.v1 and v1alpha).
 """
 
 from bnservice.v1 import bnservice_pb2 as _bnservice_pb2

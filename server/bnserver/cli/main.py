@@ -1,16 +1,19 @@
 """The `bnserver` command line.
 
-bnserver serve [--host H] [--port P] [--state-dir DIR] [--coordinator HOST:PORT]
-bnserver coordinator [--host H] [--port P]
+bnserver serve [--host H] [--port P] [--state-dir DIR] [--coordinator HOST:PORT] [--metrics-port P]
+bnserver coordinator [--host H] [--port P] [--metrics-port P]
 bnserver up [--servers N]
 bnserver health [--address HOST:PORT]
+bnserver ls | show NAME | rm NAME | export NAME FILE | import NAME FILE   (see `cli.admin`)
+
+Start-up failures (a taken port, an unreadable file) are one line on stderr
+and exit code 1; bad arguments are argparse's usage message and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import os
 import signal
@@ -20,14 +23,17 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bnserver import __version__
+from bnserver.cli import admin, logs
 from bnserver.engine import Engine
 from bnserver.limits import Limits
 from bnserver.malloc import tune_malloc
+from bnserver.metrics import Metrics
 from bnserver.rpc.admission import Policy
 from bnserver.rpc.auth import Tokens, load_peer_tokens
 from bnserver.rpc.coordinator_client import RemoteCoordinator
@@ -41,8 +47,11 @@ from bnserver.state.persistence import (
     StateDirLock,
 )
 from bnserver.sync.coordinator import Coordinator
+from bnserver.sync.step import Reducer
 
 log = logging.getLogger("bnserver")
+
+T = TypeVar("T")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -52,7 +61,18 @@ DEFAULT_SYNC_TIMEOUT = 30.0
 
 
 class StartupError(Exception):
-    """A reason the process cannot start, printed as one line (no traceback)."""
+    """A reason the process cannot start, reported as one line and exit code 1."""
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (0-65535; 0 picks a free one)")
+    return value
 
 
 def _stop_event() -> threading.Event:
@@ -85,58 +105,33 @@ def _limits(args: argparse.Namespace) -> Limits:
     return Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
 
 
+def _read(flag: str, path: Path, load: Callable[[Path], T]) -> T:
+    """`load(path)`, with an unreadable or malformed file as a StartupError naming `flag`."""
+    try:
+        return load(path)
+    except OSError as exc:
+        raise StartupError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise StartupError(f"{flag}: {exc}") from None
+
+
 def _tokens(args: argparse.Namespace) -> Tokens | None:
     auth_file = getattr(args, "auth_file", None)
-    return Tokens.load(auth_file) if auth_file else None
+    return _read("--auth-file", auth_file, Tokens.load) if auth_file else None
 
 
 def _peer_tokens(args: argparse.Namespace) -> list[str] | None:
-    return load_peer_tokens(args.peer_token_file) if args.peer_token_file else None
+    if not args.peer_token_file:
+        return None
+    return _read("--peer-token-file", args.peer_token_file, load_peer_tokens)
 
 
 def _coordinator_token(args: argparse.Namespace) -> str | None:
     """The peer token this server presents to its --coordinator."""
     if args.coordinator_token_file:
-        return load_peer_tokens(args.coordinator_token_file)[0]
+        path = args.coordinator_token_file
+        return _read("--coordinator-token-file", path, load_peer_tokens)[0]
     return os.environ.get("BNSERVER_COORDINATOR_TOKEN") or None
-
-
-def _policy(args: argparse.Namespace) -> Policy:
-    return Policy(args.max_calls_per_tenant, args.max_anonymous_calls, args.idle_timeout)
-
-
-def _bind(address: str, *args: Any, **kwargs: Any) -> tuple[grpc.Server, int]:
-    """`create_server`, with a port that cannot be bound as a StartupError.
-
-    The port is tried with a plain socket first, so that a taken port is our one
-    line and not gRPC's log line as well.
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_server((host.strip("[]"), int(port))):
-            pass
-    except OSError as exc:
-        why = {
-            errno.EADDRINUSE: "the port is taken (another bnserver?)",
-            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
-            errno.EACCES: "permission denied",
-        }.get(exc.errno or 0, str(exc))
-        raise StartupError(f"cannot listen on {address}: {why}") from None
-    try:
-        return create_server(address, *args, **kwargs)
-    except OSError as exc:
-        raise StartupError(str(exc)) from None
-
-
-def _port(text: str) -> int:
-    """An argparse type: a TCP port, 0..65535 (0 picks a free one)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (0..65535)")
-    return port
 
 
 def _coordinator(args: argparse.Namespace) -> Coordinator:
@@ -147,17 +142,70 @@ def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | No
     if not (args.tls_cert or args.tls_key):
         return None
     if not (args.tls_cert and args.tls_key):
-        raise SystemExit("bnserver: --tls-cert and --tls-key go together")
-    pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+        raise StartupError("--tls-cert and --tls-key go together")
+    key = _read("--tls-key", args.tls_key, Path.read_bytes)
+    pair = (key, _read("--tls-cert", args.tls_cert, Path.read_bytes))
     return grpc.ssl_server_credentials([pair])
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    return Policy(args.max_calls_per_tenant, args.max_anonymous_calls, args.idle_timeout)
+
+
+def _metrics(args: argparse.Namespace) -> Metrics | None:
+    return None if args.metrics_port is None else Metrics()
+
+
+def _serve_metrics(metrics: Metrics | None, host: str, port: int) -> None:
+    """Serve /metrics (before the gRPC port is announced, so that line comes first)."""
+    if metrics is None:
+        return
+    try:
+        bound = metrics.serve(host, port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    print(f"bnserver metrics on http://{host}:{bound}/metrics", flush=True)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Fail with one line if host:port cannot be bound (gRPC would log a C-level error first)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve --host {host}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: a port whose old connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {host}:{port}: {exc.strerror} (is the port taken?)"
+                ) from None
+
+
+def _create_server(args: argparse.Namespace, **kwargs: Any) -> tuple[grpc.Server, int]:
+    _check_free(args.host, args.port)
+    try:
+        return create_server(f"{args.host}:{args.port}", **kwargs)
+    except OSError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def serve(args: argparse.Namespace) -> int:
     tune_malloc()
+    metrics = _metrics(args)
+    tokens = _tokens(args)
     coordinator = None
     if args.coordinator:
-        ca = Path(args.coordinator_ca).read_bytes() if args.coordinator_ca else None
-        reducer: Coordinator | RemoteCoordinator = RemoteCoordinator(
+        ca_file = args.coordinator_ca
+        ca = _read("--coordinator-ca", Path(ca_file), Path.read_bytes) if ca_file else None
+        reducer: Reducer = RemoteCoordinator(
             args.coordinator,
             args.sync_timeout,
             credentials=grpc.ssl_channel_credentials(ca) if ca else None,
@@ -165,49 +213,62 @@ def serve(args: argparse.Namespace) -> int:
         )
     else:
         reducer = coordinator = _coordinator(args)
+    if metrics is not None:
+        reducer = metrics.observe_reducer(reducer)
     engine = Engine(reducer, _limits(args), args.dedup_window)
     try:
         lock = StateDirLock(Path(args.state_dir))
     except StateDirBusy as exc:
         raise StartupError(str(exc)) from None
     state = StateDir(args.state_dir, engine.registry)
+    if metrics is not None:
+        metrics.watch_engine(engine, tokens.tenants if tokens else [""])
+    server, port = _create_server(
+        args,
+        engine=engine,
+        coordinator=coordinator,
+        max_workers=args.max_workers,
+        health_servicer=(health_servicer := health.HealthServicer()),
+        tokens=tokens,
+        peer_tokens=_peer_tokens(args),
+        credentials=_server_credentials(args),
+        metrics=metrics,
+        policy=_policy(args),
+    )
+    _serve_metrics(metrics, args.host, args.metrics_port)
     restored = state.load()
     engine.account_restored()
     persister = Persister(state, args.snapshot_interval, Durability(args.durability))
+    if metrics is not None:
+        metrics.watch_persister(persister)
     engine.persistence = persister
-    health_servicer = health.HealthServicer()
-    server, port = _bind(
-        f"{args.host}:{args.port}",
-        engine,
-        coordinator,
-        max_workers=args.max_workers,
-        health_servicer=health_servicer,
-        tokens=_tokens(args),
-        peer_tokens=_peer_tokens(args),
-        credentials=_server_credentials(args),
-        policy=_policy(args),
-    )
     where = f"coordinator {args.coordinator}" if args.coordinator else "embedded coordinator"
     log.info("restored %d module(s) from %s; %s", restored, args.state_dir, where)
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
     saved = persister.close()
     lock.release()
+    if metrics is not None:
+        metrics.close()
     log.info("saved %d module(s) to %s; bye", saved, args.state_dir)
     return 0
 
 
 def coordinator(args: argparse.Namespace) -> int:
-    health_servicer = health.HealthServicer()
-    server, port = _bind(
-        f"{args.host}:{args.port}",
+    metrics = _metrics(args)
+    server, port = _create_server(
+        args,
         coordinator=_coordinator(args),
         max_workers=args.max_workers,
-        health_servicer=health_servicer,
+        health_servicer=(health_servicer := health.HealthServicer()),
         peer_tokens=_peer_tokens(args),
         credentials=_server_credentials(args),
+        metrics=metrics,
         policy=_policy(args),
     )
+    _serve_metrics(metrics, args.host, args.metrics_port)
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
+    if metrics is not None:
+        metrics.close()
     log.info("coordinator stopped")
     return 0
 
@@ -228,7 +289,7 @@ def up(args: argparse.Namespace) -> int:
 def check_health(args: argparse.Namespace) -> int:
     """Exit 0 when the service at --address answers SERVING (for container health checks)."""
     if args.ca:
-        creds = grpc.ssl_channel_credentials(Path(args.ca).read_bytes())
+        creds = grpc.ssl_channel_credentials(_read("--ca", Path(args.ca), Path.read_bytes))
         channel = grpc.secure_channel(args.address, creds)
     else:
         channel = grpc.insecure_channel(args.address)
@@ -238,7 +299,8 @@ def check_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as err:
-            print(f"{args.address}: {err.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
+            code = err.code().name  # type: ignore[attr-defined]
+            print(f"{args.address}: {code} ({err.details()})", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}: {status}")
@@ -247,7 +309,9 @@ def check_health(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=_port, default=port, help=f"port (default {port}; 0 picks one)")
+    p.add_argument(
+        "--port", type=port_number, default=port, help=f"port (default {port}; 0 picks one)"
+    )
     p.add_argument(
         "--sync-timeout",
         type=float,
@@ -303,14 +367,51 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics on --host (default: off; "
+        "0 picks a free port)",
+    )
+
+
+def _logging_options(top: bool) -> argparse.ArgumentParser:
+    """--log-level and --log-format, accepted before and after the subcommand.
+
+    The subcommands' copies default to SUPPRESS so that they do not override a
+    value given before the subcommand.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=logs.LEVELS,
+        default="info" if top else argparse.SUPPRESS,
+        help="log records at this level and above (default info; every call is one info line)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text" if top else argparse.SUPPRESS,
+        help="text lines or one JSON object a line (default text)",
+    )
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bnserver", description="BatchNorm as a gRPC service.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser = argparse.ArgumentParser(
+        prog="bnserver",
+        description="BatchNorm as a gRPC service.",
+        parents=[_logging_options(top=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"bnserver {__version__}")
+    common = [_logging_options(top=False)]
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run a server (with an embedded coordinator by default)")
+    s = sub.add_parser(
+        "serve", parents=common, help="run a server (with an embedded coordinator by default)"
+    )
     _add_common(s, DEFAULT_PORT)
     s.add_argument(
         "--state-dir",
@@ -351,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--durability",
         choices=[d.value for d in Durability],
         default=Durability.SNAPSHOT.value,
-        help="'always': every training forward is on disk before it is answered",
+        help="'always': every training forward is on disk before it is answered (default snapshot)",
     )
     defaults = Limits()
     for field in dataclasses.fields(Limits):
@@ -359,18 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + field.name.replace("_", "-"),
             type=int,
             default=getattr(defaults, field.name),
+            metavar="N",
             help=f"limit (default {getattr(defaults, field.name)})",
         )
     _add_server_limits(s)
     s.set_defaults(func=serve)
 
-    c = sub.add_parser("coordinator", help="run a coordinator alone")
+    c = sub.add_parser("coordinator", parents=common, help="run a coordinator alone")
     _add_common(c, DEFAULT_COORDINATOR_PORT)
     _add_server_limits(c)
     c.set_defaults(func=coordinator)
 
     u = sub.add_parser(
-        "up", help="a coordinator and N servers as local processes on consecutive ports"
+        "up",
+        parents=common,
+        help="a coordinator and N servers as local processes on consecutive ports",
     )
     u.add_argument("--servers", type=int, default=2, help="number of servers (default 2)")
     _add_common(u, DEFAULT_COORDINATOR_PORT)
@@ -382,27 +486,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.set_defaults(func=up)
 
-    h = sub.add_parser("health", help="check a server's or coordinator's gRPC health")
-    h.add_argument("--address", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}")
+    h = sub.add_parser(
+        "health", parents=common, help="check a server's or coordinator's gRPC health"
+    )
+    h.add_argument(
+        "--address",
+        default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
+        help=f"the server or coordinator to ask (default {DEFAULT_HOST}:{DEFAULT_PORT})",
+    )
     h.add_argument("--service", default="", help="service name (default: the whole server)")
-    h.add_argument("--timeout", type=float, default=3.0)
+    h.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)"
+    )
     h.add_argument("--ca", metavar="FILE", help="PEM root certificate of a TLS server")
     h.set_defaults(func=check_health)
+
+    admin.add_parsers(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except StartupError as exc:
-        print(f"bnserver: {exc}", file=sys.stderr)
+        print(f"bnserver {args.command}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 
 
 class ServerProcess:
@@ -46,10 +47,15 @@ class ServerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.stderr_lines: list[str] = []
+        #: stdout up to the "listening on" line (the metrics line comes before it).
+        self.stdout_lines: list[str] = []
         if capture_stderr:
             threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.port = self._read_port(startup_timeout)
         self.address = f"127.0.0.1:{self.port}"
+        found = [m for m in map(_METRICS.search, self.stdout_lines) if m]
+        #: The --metrics-port it bound, or None without one.
+        self.metrics_port = int(found[0].group(2)) if found else None
         wait_serving(self.address, startup_timeout, root_certificates=root_certificates)
 
     def _drain_stderr(self) -> None:
@@ -64,6 +70,7 @@ class ServerProcess:
         def read() -> None:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
+                self.stdout_lines.append(line)
                 match = _LISTENING.search(line)
                 if match:
                     found.append(int(match.group(2)))

@@ -32,7 +32,7 @@ import grpc
 
 from bnserver.errors import InvalidArgument, ResourceExhausted
 from bnserver.malloc import release_free_memory
-from bnserver.rpc.shell import abort_with, end_quietly, ended
+from bnserver.rpc.shell import abort_with
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +184,11 @@ class Admission:
 
 
 def _first(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
-    """The one request message of a unary call (None if the call ended without it)."""
+    """The one request message of a unary call."""
     try:
         request = next(requests, None)
     except grpc.RpcError as exc:
-        if ended(context, exc, method):
-            return None
-        raise
-    if request is None and not context.is_active():
-        return None
+        abort_with(context, exc, method)  # the call ended (cancelled, deadline, idle)
     if request is None:
         abort_with(context, InvalidArgument("the call ended without its request message"), method)
     return request
@@ -217,10 +213,7 @@ def guarded(
                 watched = admission.messages(call, requests)
                 if handler.request_streaming:
                     return behaviour(watched, context)
-                request = _first(watched, context, name)
-                if request is None:
-                    end_quietly(context)
-                return behaviour(request, context)
+                return behaviour(_first(watched, context, name), context)
 
         return grpc.stream_unary_rpc_method_handler(
             unary_reply, request_deserializer=deserialize, response_serializer=serialize
@@ -235,10 +228,7 @@ def guarded(
             if handler.request_streaming:
                 replies = streaming(watched, context)
             else:
-                request = _first(watched, context, name)
-                if request is None:
-                    return
-                replies = streaming(request, context)
+                replies = streaming(_first(watched, context, name), context)
             yield from admission.replies(call, replies)
 
     return grpc.stream_stream_rpc_method_handler(

@@ -56,6 +56,11 @@ class Tokens:
             pairs.append((fields[0], fields[1]))
         return cls(pairs)
 
+    @property
+    def tenants(self) -> list[str]:
+        """The tenants' names, sorted, each once."""
+        return sorted({tenant for tenant, _ in self._pairs})
+
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant of `token`, or None. Compares against every token, in constant time."""
         if not token:

@@ -18,6 +18,7 @@ from bnserver.rpc.codec import (
     decode,
     info_to_pb,
     key_from_pb,
+    require,
     state_from_pb,
     state_to_pb,
 )
@@ -97,7 +98,7 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
         key = self._key(request.ref, context)
         with self.engine.step(key, Phase.FORWARD, call_context(context)) as step:
             x = wire.receive_tensor(
-                request.input, first, request_iterator, self.limits.check_tensor
+                require(request.input, "input"), first, request_iterator, self.limits.check_tensor
             )
             y, handle = self.engine.forward(
                 key, x, request.keep_for_backward, request.request_id, step
@@ -113,7 +114,10 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
         key = self._key(request.ref, context)
         with self.engine.step(key, Phase.BACKWARD, call_context(context)) as step:
             dy = wire.receive_tensor(
-                request.grad_output, first, request_iterator, self.limits.check_tensor
+                require(request.grad_output, "grad_output"),
+                first,
+                request_iterator,
+                self.limits.check_tensor,
             )
             grads = self.engine.backward(key, request.backward_handle, dy, step)
         reply = pb.BackwardResponse()

@@ -99,11 +99,18 @@ def state_from_pb(msg: pb.ModuleState) -> dict[str, np.ndarray]:
     return {key: decode(getattr(msg, key)) for key in STATE_KEYS if msg.HasField(key)}  # type: ignore[arg-type]
 
 
+def require(tensor: pb.Tensor, what: str) -> pb.Tensor:
+    """`tensor`, or InvalidArgument naming the field (`what`: "input") if it is absent."""
+    if tensor.ByteSize() == 0:
+        raise InvalidArgument(f"the request has no {what} tensor")
+    return tensor
+
+
 def decode(tensor: pb.Tensor, limits: Limits | None = None, what: str = "") -> np.ndarray:
     """wire.decode (malformed or absent: InvalidArgument), then the size limits
     (ResourceExhausted). `what` names the field in messages ("input")."""
-    if what and tensor.ByteSize() == 0:
-        raise InvalidArgument(f"the request has no {what} tensor")
+    if what:
+        require(tensor, what)
     try:
         array = wire.decode(tensor)
     except wire.WireError as exc:

@@ -11,16 +11,15 @@ from typing import Any
 
 from bnserver.rpc.codec import contribution_from_pb, outcome_to_pb, ticket_from_pb
 from bnserver.rpc.shell import rpc
-from bnserver.sync.coordinator import Coordinator
-from bnserver.sync.step import SyncStep
+from bnserver.sync.step import Reducer, SyncStep
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    """Thin shell over a Coordinator; each waiting call holds one server thread."""
+    """Thin shell over a Coordinator (any Reducer); each waiting call holds one server thread."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Reducer) -> None:
         self.coordinator = coordinator
 
     @rpc

@@ -18,6 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from bnserver.errors import InvalidArgument
+from bnserver.rpc.observe import note_request
 from bnserver.rpc.shell import abort_with
 from bnservice.v1 import bnservice_pb2 as pb
 
@@ -26,11 +27,13 @@ Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 def _parse(message_type: type[Message], raw: bytes) -> Message:
     try:
-        return message_type.FromString(raw)
+        request = message_type.FromString(raw)
     except DecodeError as exc:
         raise InvalidArgument(
             f"request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc})"
         ) from None
+    note_request(request)  # the access log names the module
+    return request
 
 
 def _unary(behaviour: Behaviour, message_type: type[Message]) -> Behaviour:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -16,11 +17,19 @@ import grpc
 
 from bnserver.calls import CallContext
 from bnserver.rpc.status import status_of
+from bnservice import wire
 
 log = logging.getLogger(__name__)
 
 #: Remaining seconds beyond which a call counts as having no deadline (a year).
 NO_DEADLINE = 365 * 24 * 3600.0
+
+#: A call that ends within this many seconds of its deadline ended by its deadline (the
+#: client's clock runs a little ahead of the server's copy of the deadline).
+DEADLINE_SLACK = 0.05
+
+#: Seconds a truncated request stream waits to learn whether it was cancelled.
+CANCEL_GRACE = 0.1
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,31 +37,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 def abort_with(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
     """End the call with the status mapped from `exc` (logging unexpected errors).
 
-    A call its client cancelled, or that passed its deadline, or that the idle
-    watchdog cancelled, is handled by `ended` instead."""
+    A call whose caller has gone (cancelled, past its deadline, or cancelled by
+    --idle-timeout) ends as CANCELLED or DEADLINE_EXCEEDED without a traceback:
+    reading its request stream raises grpc.RpcError, which is no fault of the
+    server, and the access log already has the call's one line.
+    """
+    if isinstance(exc, wire.TruncatedStream):
+        # A cancelled stream can look like one that ended early for a moment: gRPC
+        # may deliver the end of the requests before it marks the call cancelled.
+        deadline = time.monotonic() + CANCEL_GRACE
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    if isinstance(exc, grpc.RpcError) or not context.is_active():
+        # gRPC keeps the error with the call's state; without its traceback it no
+        # longer holds the handler's frames (and the buffers they reference).
+        exc.__traceback__ = None
+        expired = context.time_remaining() <= DEADLINE_SLACK
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        log.debug("%s ended by its caller (%s): %s", method, code.name, exc)
+        context.abort(code, "the caller cancelled the call or its deadline passed")
+        raise AssertionError("context.abort returns only by raising")
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
     context.abort(code, message)
-    raise AssertionError("context.abort returns only by raising")
-
-
-def ended(context: grpc.ServicerContext, exc: BaseException, method: str) -> bool:
-    """Whether `exc` only says the call is over (its client cancelled it, its deadline
-    passed or --idle-timeout cancelled it); then it is logged as one line."""
-    if isinstance(exc, grpc.RpcError) and not context.is_active():
-        log.info("%s ended early: cancelled, past its deadline, or idle", method)
-        # gRPC keeps the error with the call's state; without its traceback it no
-        # longer holds the handler's frames (and the buffers they reference).
-        exc.__traceback__ = None
-        return True
-    return False
-
-
-def end_quietly(context: grpc.ServicerContext) -> NoReturn:
-    """End a unary call nobody waits for any more (gRPC sends nothing and logs nothing
-    for an aborted call)."""
-    context.abort(grpc.StatusCode.CANCELLED, "the call ended early")
     raise AssertionError("context.abort returns only by raising")
 
 
@@ -64,8 +72,6 @@ def rpc(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:
-            if ended(context, exc, method.__name__):
-                end_quietly(context)
             abort_with(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -79,8 +85,6 @@ def rpc_stream(method: F) -> F:
         try:
             yield from method(self, request, context)
         except Exception as exc:
-            if ended(context, exc, method.__name__):
-                return
             abort_with(context, exc, method.__name__)
 
     return wrapper  # type: ignore[return-value]
