@@ -6,7 +6,7 @@ result; nothing here sees protobuf or gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,7 +17,14 @@ from bnserver.core.config import ModuleConfig
 from bnserver.errors import InvalidArgument, ServiceError
 from bnserver.limits import Limits
 from bnserver.state.backward_store import BackwardStore
-from bnserver.state.batchnorm import BatchNorm, Gradients, SavedForBackward
+from bnserver.state.batchnorm import (
+    COUNT_KEY,
+    STATE_KEYS,
+    BatchNorm,
+    CallParams,
+    Gradients,
+    SavedForBackward,
+)
 from bnserver.state.registry import ModuleKey, Registry
 from bnserver.sync.coordinator import Coordinator
 from bnserver.sync.step import Reducer, Step, SyncStep
@@ -81,11 +88,18 @@ class Engine:
         )
         self.persistence: Persistence = Volatile()
 
-    def step(self, key: ModuleKey, phase: Phase, call: CallContext | None = None) -> Step:
+    def step(
+        self,
+        key: ModuleKey,
+        phase: Phase,
+        call: CallContext | None = None,
+        training: bool | None = None,
+    ) -> Step:
         """The step a forward or backward of `key` runs in (NotFound for an unknown key).
 
         Use it as a context manager around everything the call does after it
-        knows its module, decoding included.
+        knows its module, decoding included. `training`: the mode a forward
+        brings with it (None: the module's).
         """
         module = self.registry.get(key)
         sync = module.config.sync
@@ -101,7 +115,11 @@ class Engine:
             module.config.group_signature(),
         )
         return SyncStep(
-            ticket, self.reducer, call, module.step_locks[phase], module.uses_batch_stats
+            ticket,
+            self.reducer,
+            call,
+            module.step_locks[phase],
+            lambda: module.uses_batch_stats(training),
         )
 
     def create(self, key: ModuleKey, config: ModuleConfig) -> ModuleInfo:
@@ -135,14 +153,19 @@ class Engine:
         keep_for_backward: bool = False,
         request_id: str = "",
         step: Step | None = None,
+        params: CallParams | None = None,
     ) -> tuple[np.ndarray, str]:
         """Run the module on `x`; return the output and a backward handle ('' unless kept).
 
         `step` is the one `self.step(key, Phase.FORWARD)` opened (None: open one here).
+        `params`: the caller's weight, bias and mode for this forward, stored with it.
+        A mode change is durable before the reply; parameters, like running
+        statistics, reach the disk with the next snapshot.
         """
         if step is None:
-            with self.step(key, Phase.FORWARD) as own:
-                return self.forward(key, x, keep_for_backward, request_id, own)
+            training = None if params is None else params.training
+            with self.step(key, Phase.FORWARD, training=training) as own:
+                return self.forward(key, x, keep_for_backward, request_id, own, params)
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(
                 f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID} are allowed"
@@ -150,9 +173,11 @@ class Engine:
         module = self.registry.get(key)
         if keep_for_backward:
             self.handles.check_fits(SavedForBackward.size_for(x))
-        updates = module.updates
-        y, saved = module.forward(x, keep_for_backward, request_id, step)
-        if module.updates != updates:
+        updates, training = module.updates, module.training
+        y, saved = module.forward(x, keep_for_backward, request_id, step, params)
+        if params is not None and params.training not in (None, training):
+            self.persistence.changed(key, module)
+        elif module.updates != updates or (params is not None and params.weight is not None):
             self.persistence.trained(key, module)
         handle = self.handles.put(saved) if saved is not None else ""
         return y, handle
@@ -182,8 +207,23 @@ class Engine:
         self.persistence.changed(key, module)
         return _info(key, module)
 
-    def state(self, key: ModuleKey) -> dict[str, np.ndarray]:
-        return self.registry.get(key).state_dict()
+    def state(self, key: ModuleKey, entries: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """The module's state entries (all, or those named in `entries`), with
+        `num_batches_tracked` as an int64 0-d array when it tracks running statistics."""
+        module = self.registry.get(key)
+        unknown = sorted(set(entries) - {*STATE_KEYS, COUNT_KEY})
+        if unknown:
+            raise InvalidArgument(
+                f"unknown state entries {unknown}; entries are {[*STATE_KEYS, COUNT_KEY]}"
+            )
+        _, batches, state = module.snapshot()  # read together, under the module's lock
+        if module.config.track_running_stats:
+            state[COUNT_KEY] = np.array(batches, np.int64)
+        return {k: v for k, v in state.items() if not entries or k in entries}
+
+    def running_stats(self, key: ModuleKey) -> dict[str, np.ndarray]:
+        """running_mean, running_var and num_batches_tracked (none without tracking)."""
+        return self.registry.get(key).running_stats()
 
     def load_state(
         self, key: ModuleKey, state: Mapping[str, np.ndarray], strict: bool = True

@@ -3,10 +3,10 @@
 isort:skip_file
 bnservice wire protocol, version 1.
 
-Tensors travel as raw little-endian bytes (never `repeated float`), see
-DESIGN.md section 4. Module state is reported in MegEngine's (1, C, 1, 1)
-shape. Errors are gRPC status codes (DESIGN.md section 5); no reply message
-carries an error field.
+Tensors travel as raw little-endian bytes (never `repeated float`). Module
+state is reported in MegEngine's (1, C, 1, 1) shape. Errors are gRPC status
+codes (see the README's error table); no reply message carries an error
+field.
 """
 
 from bnservice.v1 import bnservice_pb2 as _bnservice_pb2
