@@ -2,7 +2,7 @@
 and vs torch's batch_norm plus a gloo all_reduce of the same statistics.
 
 Usage: python -m bench.sync [--cluster]
-Ranks run in threads, each with its own Client. By default they share one
+Each rank is its own process with its own Client. By default they share one
 server with its embedded coordinator; with --cluster each rank has its own
 server process and the coordinator runs alone (as `bnserver up`). Every rank
 forwards the same small (8, 16, 8, 8) float32 batch; a step is done when all
@@ -14,11 +14,12 @@ installed) the same step as torch.distributed gloo processes (bench.gloo).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,34 +32,39 @@ SHAPE = (8, 16, 8, 8)
 STEPS = 200
 
 
-def step_time(addresses: list[str], world_size: int, group: str) -> float:
-    """Seconds per synchronized training step of `world_size` ranks."""
-    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
-    clients = [Client(addresses[r % len(addresses)]) for r in range(world_size)]
-    modules = [
-        c.sync_batch_norm(group, SHAPE[1], group=group, rank=r, world_size=world_size)
-        for r, c in enumerate(clients)
-    ]
-    start = threading.Barrier(world_size + 1)
-
-    def rank(r: int) -> None:
-        for _ in range(10):  # warm-up
-            modules[r](x)
+def _rank_loop(address: str, group: str, rank: int, world_size: int, start: Any, out: Any) -> None:
+    """One rank in its own process: warm up, wait for every rank, time STEPS steps."""
+    x = np.random.default_rng(rank).standard_normal(SHAPE, dtype=np.float32)
+    with Client(address) as client:
+        bn = client.sync_batch_norm(group, SHAPE[1], group=group, rank=rank, world_size=world_size)
+        for _ in range(10):
+            bn(x)
         start.wait()
+        t0 = time.perf_counter()
         for _ in range(STEPS):
-            modules[r](x)
+            bn(x)
+        out.put((rank, (time.perf_counter() - t0) / STEPS))
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    for c in clients:
-        c.close()
-    return elapsed / STEPS
+
+def step_time(addresses: list[str], world_size: int, group: str) -> float:
+    """Seconds per synchronized training step of `world_size` ranks, each its own process
+    (as real workers are, and as the gloo peer's ranks are)."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(world_size)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_rank_loop,
+            args=(addresses[r % len(addresses)], group, r, world_size, start, out),
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    times: list[tuple[int, float]] = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    return max(t for _, t in times)
 
 
 def rows(cluster: bool) -> list[list[str]]:

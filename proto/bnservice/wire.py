@@ -1,7 +1,7 @@
 """numpy <-> `bnservice.v1.Tensor` codec, shared by the server and the SDK.
 
 A tensor travels as {dtype: numpy name, shape: int64 dims, data: raw bytes},
-row-major and little-endian (DESIGN.md section 4). Decoding validates the
+row-major and little-endian (see `Tensor` in bnservice.proto). Decoding validates the
 declared dtype and shape against the byte count *before* touching the data and
 returns a zero-copy, read-only view of the message's bytes.
 """

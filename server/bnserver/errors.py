@@ -1,7 +1,19 @@
 """Domain errors of the server side.
 
-The kernel and module layers raise these; `bnserver.rpc.batchnorm_service` maps each class to
-a gRPC status code in one table (DESIGN.md section 5). They know nothing of gRPC.
+The layers below the RPC shells raise these; `bnserver.rpc.status` maps each
+class to a gRPC status code in one table. They know nothing of gRPC.
+
+    ServiceError
+    ├── InvalidArgument (also ValueError)   INVALID_ARGUMENT
+    ├── NotFound (also LookupError)         NOT_FOUND
+    ├── AlreadyExists                       ALREADY_EXISTS
+    ├── ResourceExhausted                   RESOURCE_EXHAUSTED
+    ├── DeadlineExceeded                    DEADLINE_EXCEEDED
+    ├── Aborted                             ABORTED
+    ├── Unauthenticated                     UNAUTHENTICATED
+    ├── PermissionDenied                    PERMISSION_DENIED
+    ├── FailedPrecondition                  FAILED_PRECONDITION
+    └── Unavailable                         UNAVAILABLE
 """
 
 from __future__ import annotations

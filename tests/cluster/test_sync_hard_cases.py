@@ -1,4 +1,4 @@
-"""SyncBatchNorm hard cases against a float64 whole-batch reference (issue 3, item 4).
+"""SyncBatchNorm hard cases against a float64 whole-batch reference.
 
 Every test runs its ranks in parallel threads through the SDK, rank r on server
 r % 3 of the shared cluster, all ranks under the same module name. The

@@ -1,4 +1,4 @@
-"""Hostile input (issue 5, item 7): thousands of malformed messages to every RPC of both services.
+"""Hostile input: thousands of malformed messages to every RPC of both services.
 
 A real `bnserver serve` process (embedded coordinator, so it serves
 CoordinatorService too) and a standalone `bnserver coordinator` get

@@ -1,4 +1,4 @@
-"""Error rows of DESIGN.md section 5 (those that need neither sync nor auth), end to end.
+"""Error rows of the README's error table (those that need neither sync nor auth), end to end.
 
 Every failure is checked for its SDK exception class, its `.code`, an
 informative message, and for leaving the modules exactly as they were.

@@ -1,6 +1,6 @@
-"""The SDK surface of DESIGN.md section 7, driven against a real `bnserver serve` process.
+"""The SDK surface of the README's SDK section, driven against a real `bnserver serve` process.
 
-Every expected value is computed here from the formulas of DESIGN.md section 3
+Every expected value is computed here from the formulas of docs/design.md, Semantics
 in float64 numpy, independently of the server's kernel.
 """
 
@@ -389,7 +389,7 @@ def test_reset_running_stats_and_reset_parameters(client, name, kind) -> None:
 
 
 def ref_batch_grads(x, dy, weight, eps=EPS):
-    """dx, dweight, dbias of training-mode batch norm (DESIGN.md section 3), float64."""
+    """dx, dweight, dbias of training-mode batch norm (docs/design.md, Semantics), float64."""
     d = x.ndim
     mean, var, _ = batch_stats(x)
     inv = 1.0 / np.sqrt(per_channel(var, d) + eps)

@@ -1,4 +1,4 @@
-"""A plain float64 numpy reference of batch normalization (DESIGN.md section 3).
+"""A plain float64 numpy reference of batch normalization (docs/design.md, Semantics).
 
 Written for clarity, not speed: every formula is the textbook one, evaluated
 in float64 on the input cast to float64, with no blocking, centering tricks or
@@ -72,7 +72,7 @@ def forward_batch(
 def backward_batch(
     x: np.ndarray, dy: np.ndarray, eps: float, weight: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dx, dweight, dbias) of a batch-statistics forward, DESIGN.md section 3:
+    """(dx, dweight, dbias) of a batch-statistics forward, docs/design.md, Semantics:
 
     xhat = (x - mean) / sqrt(var_b + eps); dbias = sum(dy); dweight = sum(dy * xhat);
     dx = weight / sqrt(var_b + eps) * (dy - mean(dy) - xhat * mean(dy * xhat)).

@@ -1,6 +1,6 @@
 """Unit tests of bnserver.core.kernel against the float64 reference in tests/unit/reference.py.
 
-Tolerances follow the precision contract (DESIGN.md section 3):
+Tolerances follow the precision contract (docs/design.md, Semantics):
 
 * float64 input: ~1e-12 relative to the output's magnitude, loosened only by
   the data's condition |mean|/std: the mean itself is rounded to float64

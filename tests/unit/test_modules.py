@@ -482,7 +482,7 @@ def test_momentum_bounds_are_valid(momentum: float) -> None:
     ModuleConfig(Kind.BATCH_NORM_1D, C, momentum=momentum).validate()
 
 
-# -- corrections to the reference (DESIGN.md section 3) ---------------------------------------
+# -- corrections to the reference (docs/design.md, Semantics) --------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -543,7 +543,7 @@ def test_training_batch_with_non_finite_value_is_rejected(
 ) -> None:
     """One bad element would poison that channel's running stats for good.
 
-    Without running stats the batch is rejected all the same (DESIGN.md: training
+    Without running stats the batch is rejected all the same (the contract: training
     rejects it), which checks the batch statistics themselves are inspected.
     """
     kind, shape = SHAPES[case]
