@@ -11,7 +11,7 @@ import platform
 
 import numpy as np
 
-from bench import kernel, sync, transport
+from bench import kernel, sync, torch_step, transport
 from bench.common import table
 
 
@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = kernel.rows() + transport.rows(args.skip_huge) + sync.rows(cluster=False)
     rows += sync.rows(cluster=True)[1:]
+    rows += torch_step.rows()
     print(f"machine: {machine()}\n")
     print(table(rows, ["measure", "ours", "peer", "ratio"]))
 

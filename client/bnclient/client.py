@@ -6,15 +6,23 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import numpy as np
 
 from bnclient import errors
-from bnclient.modules import BatchNorm, BatchNorm1d, BatchNorm2d, SyncBatchNorm
+from bnclient.modules import (
+    PROXY_CLASSES,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    ModuleInfo,
+    SyncBatchNorm,
+    _info_from_pb,
+)
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
 from bnservice.v1 import bnservice_pb2_grpc as pb_grpc
@@ -48,48 +56,6 @@ STREAM_THRESHOLD = 1 << 20
 
 T = TypeVar("T")
 
-_KIND_NAMES = {
-    pb.MODULE_KIND_BATCH_NORM_1D: "BatchNorm1d",
-    pb.MODULE_KIND_BATCH_NORM_2D: "BatchNorm2d",
-    pb.MODULE_KIND_SYNC_BATCH_NORM: "SyncBatchNorm",
-}
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    """A module as listed by the server."""
-
-    name: str
-    kind: str  # "BatchNorm1d", "BatchNorm2d" or "SyncBatchNorm"
-    num_features: int
-    eps: float
-    momentum: float
-    affine: bool
-    track_running_stats: bool
-    freeze: bool
-    training: bool
-    rank: int = 0
-    group: str = ""
-    world_size: int = 0
-
-    @classmethod
-    def from_pb(cls, msg: pb.ModuleInfo) -> ModuleInfo:
-        c = msg.config
-        return cls(
-            name=msg.ref.name,
-            kind=_KIND_NAMES.get(c.kind, "unknown"),
-            num_features=c.num_features,
-            eps=c.eps,
-            momentum=c.momentum,
-            affine=c.affine,
-            track_running_stats=c.track_running_stats,
-            freeze=c.freeze,
-            training=msg.training,
-            rank=msg.ref.rank,
-            group=c.sync.group,
-            world_size=c.sync.world_size,
-        )
-
 
 class Client:
     """A connection to a bnserver. Thread-safe; use as a context manager or call close().
@@ -106,6 +72,10 @@ class Client:
     stream_threshold: tensors larger than this many bytes travel as chunked
         streams instead of one message (any size works; large unary messages
         are slower and gRPC refuses them from 2 GiB).
+
+    A Client pickles as its constructor arguments (token and certificates
+    included) and unpickles into a new connection to the same server;
+    `copy.deepcopy` returns the same Client, so copies of modules share it.
     """
 
     def __init__(
@@ -120,6 +90,16 @@ class Client:
         retry_backoff: float = 0.1,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        self._args: dict[str, Any] = {
+            "target": target,
+            "token": token,
+            "root_certificates": root_certificates,
+            "timeout": timeout,
+            "stream_threshold": stream_threshold,
+            "retries": retries,
+            "retry_backoff": retry_backoff,
+            "options": tuple(options),
+        }
         self.target = target
         self.timeout = timeout
         self.retries = retries
@@ -159,6 +139,15 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.target!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (self._args,))
+
+    def __copy__(self) -> Client:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Client:
+        return self  # one connection, shared: it is thread-safe
+
     # -- modules ------------------------------------------------------------
 
     def batch_norm_1d(
@@ -166,12 +155,16 @@ class Client:
         name: str,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.9,
+        momentum: float | None = 0.9,
         affine: bool = True,
         track_running_stats: bool = True,
         freeze: bool = False,
     ) -> BatchNorm1d:
-        """Get or create the BatchNorm1d `name` ((N, C) or (N, C, L) input)."""
+        """Get or create the BatchNorm1d `name` ((N, C) or (N, C, L) input).
+
+        momentum follows MegEngine (0.9 is PyTorch's 0.1); None makes the running
+        statistics the cumulative average of every training batch (PyTorch's None).
+        """
         config = _config(
             pb.MODULE_KIND_BATCH_NORM_1D,
             num_features,
@@ -181,14 +174,14 @@ class Client:
             track_running_stats,
             freeze,
         )
-        return BatchNorm1d(self, self._create(name, 0, config))
+        return BatchNorm1d(self, _info_from_pb(self._create(name, 0, config)))
 
     def batch_norm_2d(
         self,
         name: str,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.9,
+        momentum: float | None = 0.9,
         affine: bool = True,
         track_running_stats: bool = True,
         freeze: bool = False,
@@ -203,14 +196,36 @@ class Client:
             track_running_stats,
             freeze,
         )
-        return BatchNorm2d(self, self._create(name, 0, config))
+        return BatchNorm2d(self, _info_from_pb(self._create(name, 0, config)))
+
+    def batch_norm_3d(
+        self,
+        name: str,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.9,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        freeze: bool = False,
+    ) -> BatchNorm3d:
+        """Get or create the BatchNorm3d `name` ((N, C, D, H, W) input)."""
+        config = _config(
+            pb.MODULE_KIND_BATCH_NORM_3D,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            freeze,
+        )
+        return BatchNorm3d(self, _info_from_pb(self._create(name, 0, config)))
 
     def sync_batch_norm(
         self,
         name: str,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.9,
+        momentum: float | None = 0.9,
         affine: bool = True,
         track_running_stats: bool = True,
         freeze: bool = False,
@@ -220,8 +235,8 @@ class Client:
         world_size: int,
         eps_mode: str = "additive",
     ) -> SyncBatchNorm:
-        """Get or create rank `rank` of SyncBatchNorm `name` in `group` ((N, C), (N, C, L)
-        or (N, C, H, W) input).
+        """Get or create rank `rank` of SyncBatchNorm `name` in `group` (2-D to 5-D input,
+        (N, C, *spatial)).
 
         Every rank of the group calls this with the same name and config; the
         ranks may sit on one server or several. eps_mode "max" normalizes with
@@ -246,11 +261,38 @@ class Client:
                 group=group, rank=int(rank), world_size=int(world_size), eps_mode=modes[eps_mode]
             )
         )
-        return SyncBatchNorm(self, self._create(name, int(rank), config))
+        return SyncBatchNorm(self, _info_from_pb(self._create(name, int(rank), config)))
 
-    def list_modules(self) -> list[ModuleInfo]:
+    def module(self, name: str, rank: int = 0) -> BatchNorm:
+        """Attach to the existing module `name` (of any kind; NotFoundError if absent).
+
+        The proxy's class follows the module's kind (BatchNorm1d, BatchNorm2d,
+        BatchNorm3d, SyncBatchNorm); pass `rank` for a SyncBatchNorm rank that
+        shares its name with its peers on this server.
+        """
+        request = pb.GetModuleRequest(ref=pb.ModuleRef(name=name, rank=int(rank)))
+        return self._proxy(_info_from_pb(self._call("GetModule", request)))
+
+    def _proxy(self, info: ModuleInfo) -> BatchNorm:
+        cls = PROXY_CLASSES.get(info.kind)
+        if cls is None:
+            raise errors.ServiceError(f"module {info.name!r} is of an unknown kind")
+        return cls(self, info)
+
+    @overload
+    def list_modules(self, proxies: Literal[False] = False) -> list[ModuleInfo]: ...
+
+    @overload
+    def list_modules(self, proxies: Literal[True]) -> list[BatchNorm]: ...
+
+    def list_modules(self, proxies: bool = False) -> list[ModuleInfo] | list[BatchNorm]:
+        """The server's modules (this tenant's), sorted by name and rank: descriptions,
+        or with `proxies` module proxies (the class of each module's kind)."""
         reply = self._call("ListModules", pb.ListModulesRequest())
-        return [ModuleInfo.from_pb(m) for m in reply.modules]
+        infos = [_info_from_pb(m) for m in reply.modules]
+        if proxies:
+            return [self._proxy(info) for info in infos]
+        return infos
 
     def delete_module(self, name: str, rank: int = 0) -> None:
         """Delete module `name` (for a SyncBatchNorm rank sharing a name, pass its rank)."""
@@ -326,11 +368,16 @@ class Client:
         raise AssertionError("unreachable")
 
 
+def _restore(args: dict[str, Any]) -> Client:
+    """Unpickle a Client: a new connection with the same arguments."""
+    return Client(**args)
+
+
 def _config(
     kind: pb.ModuleKind.ValueType,
     num_features: int,
     eps: float,
-    momentum: float,
+    momentum: float | None,
     affine: bool,
     track_running_stats: bool,
     freeze: bool,
@@ -343,7 +390,8 @@ def _config(
         kind=kind,
         num_features=int(num_features),
         eps=float(eps),
-        momentum=float(momentum),
+        momentum=0.0 if momentum is None else float(momentum),
+        cumulative_average=momentum is None,
         affine=bool(affine),
         track_running_stats=bool(track_running_stats),
         freeze=bool(freeze),

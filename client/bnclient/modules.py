@@ -2,14 +2,18 @@
 
 A proxy holds only the module's name and config; parameters, running
 statistics and the training flag live on the server and every property reads
-them from there.
+them from there (only the entry it names).
+
+Proxies pickle and deep-copy: a copy is another proxy of the same server
+module (see `Client` for how the connection travels).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -22,6 +26,55 @@ if TYPE_CHECKING:
 
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
 
+#: The training-update count, accepted by load_state_dict (PyTorch's state_dict key).
+COUNT_KEY = "num_batches_tracked"
+
+_KIND_NAMES = {
+    pb.MODULE_KIND_BATCH_NORM_1D: "BatchNorm1d",
+    pb.MODULE_KIND_BATCH_NORM_2D: "BatchNorm2d",
+    pb.MODULE_KIND_BATCH_NORM_3D: "BatchNorm3d",
+    pb.MODULE_KIND_SYNC_BATCH_NORM: "SyncBatchNorm",
+}
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A module as the server describes it (MegEngine's config names and momentum;
+    momentum None is the cumulative average)."""
+
+    name: str
+    kind: str  # "BatchNorm1d", "BatchNorm2d", "BatchNorm3d" or "SyncBatchNorm"
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    freeze: bool
+    training: bool
+    rank: int = 0
+    group: str = ""
+    world_size: int = 0
+    eps_mode: str = "additive"
+
+
+def _info_from_pb(msg: pb.ModuleInfo) -> ModuleInfo:
+    c = msg.config
+    return ModuleInfo(
+        name=msg.ref.name,
+        kind=_KIND_NAMES.get(c.kind, "unknown"),
+        num_features=c.num_features,
+        eps=c.eps,
+        momentum=None if c.cumulative_average else c.momentum,
+        affine=c.affine,
+        track_running_stats=c.track_running_stats,
+        freeze=c.freeze,
+        training=msg.training,
+        rank=msg.ref.rank,
+        group=c.sync.group,
+        world_size=c.sync.world_size,
+        eps_mode="max" if c.sync.eps_mode == pb.EPS_MODE_MAX else "additive",
+    )
+
 
 def _as_input(x: Any) -> np.ndarray:
     """`x` as a float16/32/64 ndarray, or InvalidArgumentError."""
@@ -33,6 +86,27 @@ def _as_input(x: Any) -> np.ndarray:
     return array
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    """`array`, copied if it is a read-only view of a reply's bytes."""
+    return array if array.flags.writeable else np.array(array)
+
+
+def _as_count(value: Any) -> int:
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iu":
+        raise errors.InvalidArgumentError(f"{COUNT_KEY!r} must be one integer, got {array!r}")
+    return int(array.reshape(()))
+
+
+@dataclass(frozen=True)
+class _ForwardResult:
+    """What one forward call returned (the torch modules use every part)."""
+
+    output: np.ndarray
+    handle: str
+    running_stats: dict[str, Any]
+
+
 class BatchNorm:
     """Proxy of a named BatchNorm module on a server.
 
@@ -40,20 +114,26 @@ class BatchNorm:
     constructor (num_features, eps, momentum, affine, track_running_stats,
     freeze). weight, bias, running_mean and running_var are float32
     (1, C, 1, 1) arrays read from the server, or None when the module has none.
+
+    Get one from a `Client` (``client.batch_norm_2d(...)``, ``client.module(name)``),
+    or build one from a `ModuleInfo` the server gave.
     """
 
-    def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
+    def __init__(self, client: Client, info: ModuleInfo) -> None:
         self._client = client
-        self._ref = pb.ModuleRef()
-        self._ref.CopyFrom(info.ref)
-        c = info.config
-        self.name: str = info.ref.name
-        self.num_features: int = c.num_features
-        self.eps: float = c.eps
-        self.momentum: float = c.momentum
-        self.affine: bool = c.affine
-        self.track_running_stats: bool = c.track_running_stats
-        self.freeze: bool = c.freeze
+        self._ref = pb.ModuleRef(name=info.name, rank=info.rank)
+        self.name: str = info.name
+        self.num_features: int = info.num_features
+        self.eps: float = info.eps
+        self.momentum: float | None = info.momentum
+        self.affine: bool = info.affine
+        self.track_running_stats: bool = info.track_running_stats
+        self.freeze: bool = info.freeze
+
+    @property
+    def client(self) -> Client:
+        """The connection this proxy calls through."""
+        return self._client
 
     def __repr__(self) -> str:
         return (
@@ -70,7 +150,7 @@ class BatchNorm:
 
     def forward(self, x: Any) -> np.ndarray:
         """Normalize `x`; in training mode this updates the running statistics."""
-        return self._forward(x, keep_for_backward=False)[0]
+        return _writable(self._forward(_as_input(x), keep_for_backward=False).output)
 
     def vjp(self, x: Any) -> tuple[np.ndarray, VJP]:
         """Forward that keeps what backward needs; returns (y, vjp) like torch.func.vjp.
@@ -78,68 +158,104 @@ class BatchNorm:
         ``dx, dweight, dbias = vjp(dy)``; the server holds the context until
         then (one use; the oldest contexts are evicted when too many are held).
         """
-        y, handle = self._forward(x, keep_for_backward=True)
-        return y, VJP(self, handle)
+        result = self._forward(_as_input(x), keep_for_backward=True)
+        return _writable(result.output), VJP(self, result.handle)
 
-    def _forward(self, x: Any, keep_for_backward: bool) -> tuple[np.ndarray, str]:
-        """(output, backward handle), streamed in chunks when `x` is large."""
-        array = _as_input(x)
+    def _forward(
+        self,
+        array: np.ndarray,
+        keep_for_backward: bool,
+        weight: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+        training: bool | None = None,
+        return_running_stats: bool = False,
+    ) -> _ForwardResult:
+        """One Forward call, streamed in chunks when `array` is large.
+
+        weight, bias, training: the caller's own for this call (stored with it).
+        """
         request = pb.ForwardRequest(
-            ref=self._ref, keep_for_backward=keep_for_backward, request_id=uuid.uuid4().hex
+            ref=self._ref,
+            keep_for_backward=keep_for_backward,
+            request_id=uuid.uuid4().hex,
+            return_running_stats=return_running_stats,
         )
+        if weight is not None and bias is not None:
+            wire.encode(weight, request.weight)
+            wire.encode(bias, request.bias)
+        if training is not None:
+            request.training = training
         retry = True  # the request id makes a retry apply at most once
+        reply: pb.ForwardResponse
         if array.nbytes > self._client.stream_threshold:
             sent = wire.encode_header(array, request.input)
-            header, y = self._client._stream(
+            reply, y = self._client._stream(
                 "StreamForward",
                 lambda: wire.send(pb.ForwardChunk, request, sent),
                 lambda h: h.output,
                 retry,
             )
-            return y, header.backward_handle
-        wire.encode(array, request.input)
-        reply: pb.ForwardResponse = self._client._call("Forward", request, retry)
-        return np.array(wire.decode(reply.output)), reply.backward_handle
+        else:
+            wire.encode(array, request.input)
+            reply = self._client._call("Forward", request, retry)
+            y = wire.decode(reply.output)
+        stats = _state_from_pb(reply.running_stats) if return_running_stats else {}
+        return _ForwardResult(y, reply.backward_handle, stats)
 
     # -- mode ---------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> BatchNorm:
+    def train(self, mode: bool = True) -> Self:
         """Set training mode on the server's module; returns self."""
         self._client._call("SetTraining", pb.SetTrainingRequest(ref=self._ref, training=mode))
         return self
 
-    def eval(self) -> BatchNorm:
+    def eval(self) -> Self:
         """Set evaluation mode (running statistics); returns self."""
         return self.train(False)
 
     @property
     def training(self) -> bool:
+        """The server module's mode (one call that carries no tensors)."""
         info: pb.ModuleInfo = self._client._call("GetModule", pb.GetModuleRequest(ref=self._ref))
         return info.training
 
+    def info(self) -> ModuleInfo:
+        """The module as the server describes it now (config and mode)."""
+        return _info_from_pb(self._client._call("GetModule", pb.GetModuleRequest(ref=self._ref)))
+
     # -- state --------------------------------------------------------------
+
+    def _state(self, entries: tuple[str, ...] = ()) -> dict[str, Any]:
+        request = pb.GetStateRequest(ref=self._ref, entries=entries)
+        return _state_from_pb(self._client._call("GetState", request))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the module's present entries, float32 (1, C, 1, 1)."""
-        reply = self._client._call("GetState", pb.GetStateRequest(ref=self._ref))
-        return {
-            k: np.array(wire.decode(getattr(reply, k))) for k in STATE_KEYS if reply.HasField(k)
-        }
+        return {k: v for k, v in self._state(STATE_KEYS).items() if k in STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Load (1, C, 1, 1) or (C,) arrays; with strict, exactly the module's entries."""
+        """Load (1, C, 1, 1) or (C,) arrays; with strict, exactly the module's entries.
+
+        Also accepts PyTorch's state_dict of a BatchNorm: its `num_batches_tracked`
+        (an integer, never required) sets the module's count of training updates.
+        """
         request = pb.LoadStateRequest(ref=self._ref, strict=strict)
         for key, value in state.items():
+            if key == COUNT_KEY:
+                if value is not None:
+                    request.state.num_batches_tracked = _as_count(value)
+                continue
             if key not in STATE_KEYS:
                 raise errors.InvalidArgumentError(
-                    f"unexpected state entry {key!r}; entries are {list(STATE_KEYS)}"
+                    f"unexpected state entry {key!r}; entries are {[*STATE_KEYS, COUNT_KEY]}"
                 )
             if value is not None:
                 wire.encode(_as_input(value), getattr(request.state, key))
         self._client._call("LoadState", request)
 
     def _entry(self, key: str) -> np.ndarray | None:
-        return self.state_dict().get(key)
+        value = self._state((key,)).get(key)
+        return None if value is None else np.asarray(value)
 
     @property
     def weight(self) -> np.ndarray | None:
@@ -157,12 +273,31 @@ class BatchNorm:
     def running_var(self) -> np.ndarray | None:
         return self._entry("running_var")
 
+    @property
+    def num_batches_tracked(self) -> int | None:
+        """Training updates of the running statistics so far (None without them)."""
+        value = self._state((COUNT_KEY,)).get(COUNT_KEY)
+        return None if value is None else int(value)
+
     def reset_running_stats(self) -> None:
+        """running_mean to zeros, running_var to ones, num_batches_tracked to 0."""
         self._client._call("ResetRunningStats", pb.ResetRequest(ref=self._ref))
 
     def reset_parameters(self) -> None:
         """reset_running_stats(), then weight to ones and bias to zeros."""
         self._client._call("ResetParameters", pb.ResetRequest(ref=self._ref))
+
+
+def _state_from_pb(msg: pb.ModuleState) -> dict[str, Any]:
+    """The present entries: float32 (1, C, 1, 1) copies, num_batches_tracked an int."""
+    state: dict[str, Any] = {
+        k: np.array(wire.decode(getattr(msg, k)))
+        for k in STATE_KEYS
+        if msg.HasField(k)  # type: ignore[arg-type]
+    }
+    if msg.HasField("num_batches_tracked"):
+        state[COUNT_KEY] = msg.num_batches_tracked
+    return state
 
 
 class BatchNorm1d(BatchNorm):
@@ -171,6 +306,10 @@ class BatchNorm1d(BatchNorm):
 
 class BatchNorm2d(BatchNorm):
     """BatchNorm over (N, C, H, W) input."""
+
+
+class BatchNorm3d(BatchNorm):
+    """BatchNorm over (N, C, D, H, W) input (PyTorch's BatchNorm3d)."""
 
 
 class SyncBatchNorm(BatchNorm):
@@ -182,13 +321,12 @@ class SyncBatchNorm(BatchNorm):
     request id and gets its round's committed result.
     """
 
-    def __init__(self, client: Client, info: pb.ModuleInfo) -> None:
+    def __init__(self, client: Client, info: ModuleInfo) -> None:
         super().__init__(client, info)
-        s = info.config.sync
-        self.group: str = s.group
-        self.rank: int = s.rank
-        self.world_size: int = s.world_size
-        self.eps_mode: str = "max" if s.eps_mode == pb.EPS_MODE_MAX else "additive"
+        self.group: str = info.group
+        self.rank: int = info.rank
+        self.world_size: int = info.world_size
+        self.eps_mode: str = info.eps_mode
 
     def __repr__(self) -> str:
         return (
@@ -203,6 +341,15 @@ class SyncBatchNorm(BatchNorm):
         )
 
 
+#: The proxy class of each module kind.
+PROXY_CLASSES: dict[str, type[BatchNorm]] = {
+    "BatchNorm1d": BatchNorm1d,
+    "BatchNorm2d": BatchNorm2d,
+    "BatchNorm3d": BatchNorm3d,
+    "SyncBatchNorm": SyncBatchNorm,
+}
+
+
 class VJP:
     """The backward of one `BatchNorm.vjp` forward; call it once with dy."""
 
@@ -212,8 +359,12 @@ class VJP:
 
     def __call__(self, dy: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Return (dx, dweight, dbias); dweight and dbias are None without affine or with freeze."""
+        dx, dweight, dbias = self._call(_as_input(dy))
+        return _writable(dx), dweight, dbias
+
+    def _call(self, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Backward; dx may be a read-only view of the reply."""
         client = self._module._client
-        grad = _as_input(dy)
         request = pb.BackwardRequest(ref=self._module._ref, backward_handle=self.handle)
         reply: pb.BackwardResponse
         if grad.nbytes > client.stream_threshold:
@@ -226,7 +377,7 @@ class VJP:
         else:
             wire.encode(grad, request.grad_output)
             reply = client._call("Backward", request)
-            dx = np.array(wire.decode(reply.grad_input))
+            dx = wire.decode(reply.grad_input)
         if not reply.HasField("grad_weight"):
             return dx, None, None
         return dx, np.array(wire.decode(reply.grad_weight)), np.array(wire.decode(reply.grad_bias))

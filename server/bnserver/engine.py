@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,8 +20,11 @@ from bnserver.errors import InvalidArgument, ResourceExhausted, ServiceError
 from bnserver.limits import Limits
 from bnserver.state.backward_store import BackwardStore
 from bnserver.state.batchnorm import (
+    COUNT_KEY,
     DEDUP_WINDOW,
+    STATE_KEYS,
     BatchNorm,
+    CallParams,
     Gradients,
     Persist,
     Record,
@@ -168,11 +171,18 @@ class Engine:
             for key, module in self.registry.items():
                 self._state_bytes[key.tenant] += module_state_bytes(module.config)
 
-    def step(self, key: ModuleKey, phase: Phase, call: CallContext | None = None) -> Step:
+    def step(
+        self,
+        key: ModuleKey,
+        phase: Phase,
+        call: CallContext | None = None,
+        training: bool | None = None,
+    ) -> Step:
         """The step a forward or backward of `key` runs in (NotFound for an unknown key).
 
         Use it as a context manager around everything the call does after it
-        knows its module, decoding included.
+        knows its module, decoding included. `training`: the mode a forward
+        brings with it (None: the module's).
         """
         module = self.registry.get(key)
         sync = module.config.sync
@@ -188,7 +198,11 @@ class Engine:
             module.config.group_signature(),
         )
         return SyncStep(
-            ticket, self.reducer, call, module.step_locks[phase], module.uses_batch_stats
+            ticket,
+            self.reducer,
+            call,
+            module.step_locks[phase],
+            lambda: module.uses_batch_stats(training),
         )
 
     def create(self, key: ModuleKey, config: ModuleConfig) -> ModuleInfo:
@@ -244,14 +258,20 @@ class Engine:
         keep_for_backward: bool = False,
         request_id: str = "",
         step: Step | None = None,
+        params: CallParams | None = None,
     ) -> tuple[np.ndarray, str]:
         """Run the module on `x`; return the output and a backward handle ('' unless kept).
 
         `step` is the one `self.step(key, Phase.FORWARD)` opened (None: open one here).
+        `params`: the caller's weight, bias and mode for this forward, stored with it.
+        A mode change is durable before the reply; parameters, like running
+        statistics, reach the disk within the snapshot interval (before the reply
+        with --durability=always).
         """
         if step is None:
-            with self.step(key, Phase.FORWARD) as own:
-                return self.forward(key, x, keep_for_backward, request_id, own)
+            training = None if params is None else params.training
+            with self.step(key, Phase.FORWARD, training=training) as own:
+                return self.forward(key, x, keep_for_backward, request_id, own, params)
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(
                 f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID} are allowed"
@@ -261,9 +281,20 @@ class Engine:
         if keep_for_backward:
             handles.check_fits(SavedForBackward.size_for(x))
         persist = self._persist(key, module) if self.persistence.always else None
-        updates = module.updates
-        y, saved = module.forward(x, keep_for_backward, request_id, step, persist)
-        if module.updates != updates and persist is None:
+        updates, training = module.updates, module.training
+        y, saved = module.forward(x, keep_for_backward, request_id, step, persist, params)
+        stored = params is not None and params.weight is not None
+        if (params is not None and params.training not in (None, training)) or (
+            stored and persist is not None
+        ):
+            # A new mode (or, with durability=always, new parameters) is written
+            # before the reply; if it cannot be, the snapshot thread keeps trying.
+            try:
+                self.persistence.write(key, module.record(), module)
+            except ServiceError:
+                self.persistence.trained(key, module)
+                raise
+        elif (module.updates != updates and persist is None) or stored:
             self.persistence.trained(key, module)
         handle = handles.put(saved) if saved is not None else ""
         return y, handle
@@ -300,8 +331,23 @@ class Engine:
     def set_training(self, key: ModuleKey, training: bool) -> ModuleInfo:
         return self._commit(key, lambda m: m.mode_set(training))
 
-    def state(self, key: ModuleKey) -> dict[str, np.ndarray]:
-        return self.registry.get(key).state_dict()
+    def state(self, key: ModuleKey, entries: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """The module's state entries (all, or those named in `entries`), with
+        `num_batches_tracked` as an int64 0-d array when it tracks running statistics."""
+        module = self.registry.get(key)
+        unknown = sorted(set(entries) - {*STATE_KEYS, COUNT_KEY})
+        if unknown:
+            raise InvalidArgument(
+                f"unknown state entries {unknown}; entries are {[*STATE_KEYS, COUNT_KEY]}"
+            )
+        _, batches, state = module.snapshot()  # read together, under the module's lock
+        if module.config.track_running_stats:
+            state[COUNT_KEY] = np.array(batches, np.int64)
+        return {k: v for k, v in state.items() if not entries or k in entries}
+
+    def running_stats(self, key: ModuleKey) -> dict[str, np.ndarray]:
+        """running_mean, running_var and num_batches_tracked (none without tracking)."""
+        return self.registry.get(key).running_stats()
 
     def load_state(
         self, key: ModuleKey, state: Mapping[str, np.ndarray], strict: bool = True

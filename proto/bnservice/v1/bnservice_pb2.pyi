@@ -81,6 +81,8 @@ class _ModuleKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModuleKind
     MODULE_KIND_BATCH_NORM_1D: _ModuleKind.ValueType  # 1
     MODULE_KIND_BATCH_NORM_2D: _ModuleKind.ValueType  # 2
     MODULE_KIND_SYNC_BATCH_NORM: _ModuleKind.ValueType  # 3
+    MODULE_KIND_BATCH_NORM_3D: _ModuleKind.ValueType  # 4
+    """(N, C, D, H, W) input, PyTorch's BatchNorm3d"""
 
 class ModuleKind(_ModuleKind, metaclass=_ModuleKindEnumTypeWrapper): ...
 
@@ -88,6 +90,8 @@ MODULE_KIND_UNSPECIFIED: ModuleKind.ValueType  # 0
 MODULE_KIND_BATCH_NORM_1D: ModuleKind.ValueType  # 1
 MODULE_KIND_BATCH_NORM_2D: ModuleKind.ValueType  # 2
 MODULE_KIND_SYNC_BATCH_NORM: ModuleKind.ValueType  # 3
+MODULE_KIND_BATCH_NORM_3D: ModuleKind.ValueType  # 4
+"""(N, C, D, H, W) input, PyTorch's BatchNorm3d"""
 Global___ModuleKind: _TypeAlias = ModuleKind  # noqa: Y015
 
 class _EpsMode:
@@ -225,6 +229,7 @@ class ModuleConfig(_message.Message):
     TRACK_RUNNING_STATS_FIELD_NUMBER: _builtins.int
     FREEZE_FIELD_NUMBER: _builtins.int
     SYNC_FIELD_NUMBER: _builtins.int
+    CUMULATIVE_AVERAGE_FIELD_NUMBER: _builtins.int
     kind: Global___ModuleKind.ValueType
     num_features: _builtins.int
     eps: _builtins.float
@@ -233,6 +238,11 @@ class ModuleConfig(_message.Message):
     affine: _builtins.bool
     track_running_stats: _builtins.bool
     freeze: _builtins.bool
+    cumulative_average: _builtins.bool
+    """PyTorch's momentum=None: running statistics are the cumulative average of
+    every training batch, running += (batch - running) / num_batches_tracked
+    (counted after this batch). `momentum` is then ignored and sent as 0.
+    """
     @_builtins.property
     def sync(self) -> Global___SyncConfig:
         """only (and always) for MODULE_KIND_SYNC_BATCH_NORM"""
@@ -248,10 +258,11 @@ class ModuleConfig(_message.Message):
         track_running_stats: _builtins.bool = ...,
         freeze: _builtins.bool = ...,
         sync: Global___SyncConfig | None = ...,
+        cumulative_average: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sync", b"sync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affine", b"affine", "eps", b"eps", "freeze", b"freeze", "kind", b"kind", "momentum", b"momentum", "num_features", b"num_features", "sync", b"sync", "track_running_stats", b"track_running_stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affine", b"affine", "cumulative_average", b"cumulative_average", "eps", b"eps", "freeze", b"freeze", "kind", b"kind", "momentum", b"momentum", "num_features", b"num_features", "sync", b"sync", "track_running_stats", b"track_running_stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +334,12 @@ class ModuleState(_message.Message):
     BIAS_FIELD_NUMBER: _builtins.int
     RUNNING_MEAN_FIELD_NUMBER: _builtins.int
     RUNNING_VAR_FIELD_NUMBER: _builtins.int
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _builtins.int
+    num_batches_tracked: _builtins.int
+    """Training updates of the running statistics so far (PyTorch's
+    num_batches_tracked); present when the module tracks running statistics.
+    On LoadState, absent leaves the count as it is.
+    """
     @_builtins.property
     def weight(self) -> Global___Tensor: ...
     @_builtins.property
@@ -338,12 +355,15 @@ class ModuleState(_message.Message):
         bias: Global___Tensor | None = ...,
         running_mean: Global___Tensor | None = ...,
         running_var: Global___Tensor | None = ...,
+        num_batches_tracked: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bias", b"bias", "running_mean", b"running_mean", "running_var", b"running_var", "weight", b"weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_num_batches_tracked", b"_num_batches_tracked", "bias", b"bias", "num_batches_tracked", b"num_batches_tracked", "running_mean", b"running_mean", "running_var", b"running_var", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias", b"bias", "running_mean", b"running_mean", "running_var", b"running_var", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_batches_tracked", b"_num_batches_tracked", "bias", b"bias", "num_batches_tracked", b"num_batches_tracked", "running_mean", b"running_mean", "running_var", b"running_var", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__num_batches_tracked: _TypeAlias = _typing.Literal["num_batches_tracked"]  # noqa: Y015
+    _WhichOneofArgType__num_batches_tracked: _TypeAlias = _typing.Literal["_num_batches_tracked", b"_num_batches_tracked"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_batches_tracked) -> _WhichOneofReturnType__num_batches_tracked | None: ...
 
 Global___ModuleState: _TypeAlias = ModuleState  # noqa: Y015
 
@@ -469,6 +489,10 @@ class ForwardRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     KEEP_FOR_BACKWARD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    BIAS_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
+    RETURN_RUNNING_STATS_FIELD_NUMBER: _builtins.int
     keep_for_backward: _builtins.bool
     """Keep what backward needs and answer with a single-use backward handle."""
     request_id: _builtins.str
@@ -476,10 +500,24 @@ class ForwardRequest(_message.Message):
     same id is applied at most once and gets the same output. See the top of
     this file.
     """
+    training: _builtins.bool
+    return_running_stats: _builtins.bool
+    """Answer with the running statistics as they are after this forward."""
     @_builtins.property
     def ref(self) -> Global___ModuleRef: ...
     @_builtins.property
     def input(self) -> Global___Tensor: ...
+    @_builtins.property
+    def weight(self) -> Global___Tensor:
+        """The caller's parameters and mode for this call (a framework module that
+        owns its parameters sends them with every forward). Each one given is used
+        by this forward and stored on the module with it, only if the forward
+        succeeds; absent ones are the module's own. weight and bias: (C,) or
+        (1, C, 1, 1), any float dtype (stored as float32), only with affine.
+        """
+
+    @_builtins.property
+    def bias(self) -> Global___Tensor: ...
     def __init__(
         self,
         *,
@@ -487,12 +525,18 @@ class ForwardRequest(_message.Message):
         input: Global___Tensor | None = ...,
         keep_for_backward: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        weight: Global___Tensor | None = ...,
+        bias: Global___Tensor | None = ...,
+        training: _builtins.bool | None = ...,
+        return_running_stats: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "ref", b"ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_training", b"_training", "bias", b"bias", "input", b"input", "ref", b"ref", "training", b"training", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "keep_for_backward", b"keep_for_backward", "ref", b"ref", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_training", b"_training", "bias", b"bias", "input", b"input", "keep_for_backward", b"keep_for_backward", "ref", b"ref", "request_id", b"request_id", "return_running_stats", b"return_running_stats", "training", b"training", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__training: _TypeAlias = _typing.Literal["training"]  # noqa: Y015
+    _WhichOneofArgType__training: _TypeAlias = _typing.Literal["_training", b"_training"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__training) -> _WhichOneofReturnType__training | None: ...
 
 Global___ForwardRequest: _TypeAlias = ForwardRequest  # noqa: Y015
 
@@ -502,19 +546,27 @@ class ForwardResponse(_message.Message):
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     BACKWARD_HANDLE_FIELD_NUMBER: _builtins.int
+    RUNNING_STATS_FIELD_NUMBER: _builtins.int
     backward_handle: _builtins.str
     """empty unless keep_for_backward"""
     @_builtins.property
     def output(self) -> Global___Tensor: ...
+    @_builtins.property
+    def running_stats(self) -> Global___ModuleState:
+        """With return_running_stats: running_mean, running_var and
+        num_batches_tracked (absent without track_running_stats).
+        """
+
     def __init__(
         self,
         *,
         output: Global___Tensor | None = ...,
         backward_handle: _builtins.str = ...,
+        running_stats: Global___ModuleState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "running_stats", b"running_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward_handle", b"backward_handle", "output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward_handle", b"backward_handle", "output", b"output", "running_stats", b"running_stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,16 +657,24 @@ class GetStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REF_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ref(self) -> Global___ModuleRef: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The entries to return ("weight", "bias", "running_mean", "running_var",
+        "num_batches_tracked"); empty: all of them.
+        """
+
     def __init__(
         self,
         *,
         ref: Global___ModuleRef | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,6 @@ import numpy as np
 
 from bnclient import Client, ModuleInfo, NotFoundError, ServiceError, UnavailableError
 from bnclient.modules import STATE_KEYS, BatchNorm
-from bnservice.v1 import bnservice_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 TOKEN_ENV = "BNSERVICE_TOKEN"
@@ -68,8 +67,8 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _proxy(client: Client, name: str, rank: int) -> BatchNorm:
-    """A proxy for the state calls of an existing module (any kind)."""
-    return BatchNorm(client, pb.ModuleInfo(ref=pb.ModuleRef(name=name, rank=rank)))
+    """A proxy of an existing module (any kind)."""
+    return client.module(name, rank)
 
 
 def _find(client: Client, name: str, rank: int) -> ModuleInfo:

@@ -14,6 +14,7 @@ class Kind(Enum):
 
     BATCH_NORM_1D = "BatchNorm1d"
     BATCH_NORM_2D = "BatchNorm2d"
+    BATCH_NORM_3D = "BatchNorm3d"
     SYNC_BATCH_NORM = "SyncBatchNorm"
 
     @property
@@ -24,7 +25,8 @@ class Kind(Enum):
 _INPUT_NDIMS = {
     Kind.BATCH_NORM_1D: (2, 3),
     Kind.BATCH_NORM_2D: (4,),
-    Kind.SYNC_BATCH_NORM: (2, 3, 4),
+    Kind.BATCH_NORM_3D: (5,),
+    Kind.SYNC_BATCH_NORM: (2, 3, 4, 5),
 }
 
 
@@ -52,13 +54,14 @@ class ModuleConfig:
     """Construction arguments of a BatchNorm module (MegEngine's names and defaults).
 
     momentum follows MegEngine: running = momentum * running + (1 - momentum) * batch,
-    so 0.9 here is PyTorch's 0.1.
+    so 0.9 here is PyTorch's 0.1. None is PyTorch's momentum=None: the running
+    statistics are the cumulative average of every training batch so far.
     """
 
     kind: Kind
     num_features: int
     eps: float = 1e-5
-    momentum: float = 0.9
+    momentum: float | None = 0.9
     affine: bool = True
     track_running_stats: bool = True
     freeze: bool = False
@@ -70,7 +73,9 @@ class ModuleConfig:
             raise InvalidArgument(f"num_features must be > 0, got {self.num_features}")
         if not (math.isfinite(self.eps) and self.eps >= MIN_EPS):
             raise InvalidArgument(f"eps must be a finite number >= {MIN_EPS:g}, got {self.eps}")
-        if not (math.isfinite(self.momentum) and 0 <= self.momentum <= 1):
+        if self.momentum is not None and not (
+            math.isfinite(self.momentum) and 0 <= self.momentum <= 1
+        ):
             raise InvalidArgument(f"momentum must be in [0, 1], got {self.momentum}")
         if self.freeze and not self.track_running_stats:
             raise InvalidArgument(

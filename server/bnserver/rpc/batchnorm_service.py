@@ -18,6 +18,7 @@ from bnserver.rpc.codec import (
     decode,
     info_to_pb,
     key_from_pb,
+    params_from_pb,
     require,
     state_from_pb,
     state_to_pb,
@@ -65,15 +66,28 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
         self.engine.delete(self._key(request.ref, context))
         return pb.DeleteModuleResponse()
 
+    def _forward_step(self, key: ModuleKey, request: pb.ForwardRequest, context: Any) -> Any:
+        training = request.training if request.HasField("training") else None
+        return self.engine.step(key, Phase.FORWARD, call_context(context), training)
+
+    def _forward_reply(
+        self, key: ModuleKey, request: pb.ForwardRequest, handle: str
+    ) -> pb.ForwardResponse:
+        reply = pb.ForwardResponse(backward_handle=handle)
+        if request.return_running_stats:
+            state_to_pb(self.engine.running_stats(key), reply.running_stats)
+        return reply
+
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
         key = self._key(request.ref, context)
-        with self.engine.step(key, Phase.FORWARD, call_context(context)) as step:
+        with self._forward_step(key, request, context) as step:
             x = decode(request.input, self.limits, "input")
+            params = params_from_pb(request, self.limits)
             y, handle = self.engine.forward(
-                key, x, request.keep_for_backward, request.request_id, step
+                key, x, request.keep_for_backward, request.request_id, step, params
             )
-        reply = pb.ForwardResponse(backward_handle=handle)
+        reply = self._forward_reply(key, request, handle)
         wire.encode(y, reply.output)
         return reply
 
@@ -96,14 +110,15 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
     ) -> Iterator[pb.ForwardReplyChunk]:
         request, first = wire.receive_header(request_iterator)
         key = self._key(request.ref, context)
-        with self.engine.step(key, Phase.FORWARD, call_context(context)) as step:
+        with self._forward_step(key, request, context) as step:
+            params = params_from_pb(request, self.limits)
             x = wire.receive_tensor(
                 require(request.input, "input"), first, request_iterator, self.limits.check_tensor
             )
             y, handle = self.engine.forward(
-                key, x, request.keep_for_backward, request.request_id, step
+                key, x, request.keep_for_backward, request.request_id, step, params
             )
-        reply = pb.ForwardResponse(backward_handle=handle)
+        reply = self._forward_reply(key, request, handle)
         yield from wire.send(pb.ForwardReplyChunk, reply, wire.encode_header(y, reply.output))
 
     @rpc_stream
@@ -135,7 +150,8 @@ class BatchNormServicer(pb_grpc.BatchNormServiceServicer):
 
     @rpc
     def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.ModuleState:
-        return state_to_pb(self.engine.state(self._key(request.ref, context)))
+        key = self._key(request.ref, context)
+        return state_to_pb(self.engine.state(key, tuple(request.entries)))
 
     @rpc
     def LoadState(self, request: pb.LoadStateRequest, context: Any) -> pb.ModuleInfo:

@@ -10,7 +10,7 @@ from bnserver.core.config import Kind, ModuleConfig, SyncSpec
 from bnserver.engine import ModuleInfo
 from bnserver.errors import InvalidArgument
 from bnserver.limits import Limits
-from bnserver.state.batchnorm import STATE_KEYS
+from bnserver.state.batchnorm import COUNT_KEY, STATE_KEYS, CallParams
 from bnserver.state.registry import ModuleKey
 from bnserver.sync.ticket import Contribution, Outcome, Phase, RunningState, Ticket
 from bnservice import wire
@@ -19,6 +19,7 @@ from bnservice.v1 import bnservice_pb2 as pb
 _KINDS = {
     pb.MODULE_KIND_BATCH_NORM_1D: Kind.BATCH_NORM_1D,
     pb.MODULE_KIND_BATCH_NORM_2D: Kind.BATCH_NORM_2D,
+    pb.MODULE_KIND_BATCH_NORM_3D: Kind.BATCH_NORM_3D,
     pb.MODULE_KIND_SYNC_BATCH_NORM: Kind.SYNC_BATCH_NORM,
 }
 _KIND_CODES = {kind: code for code, kind in _KINDS.items()}
@@ -56,7 +57,7 @@ def config_from_pb(msg: pb.ModuleConfig) -> ModuleConfig:
         kind=kind,
         num_features=msg.num_features,
         eps=msg.eps,
-        momentum=msg.momentum,
+        momentum=None if msg.cumulative_average else msg.momentum,
         affine=msg.affine,
         track_running_stats=msg.track_running_stats,
         freeze=msg.freeze,
@@ -68,7 +69,8 @@ def config_to_pb(config: ModuleConfig, out: pb.ModuleConfig) -> None:
     out.kind = _KIND_CODES[config.kind]
     out.num_features = config.num_features
     out.eps = config.eps
-    out.momentum = config.momentum
+    out.momentum = 0.0 if config.momentum is None else config.momentum
+    out.cumulative_average = config.momentum is None
     out.affine = config.affine
     out.track_running_stats = config.track_running_stats
     out.freeze = config.freeze
@@ -87,16 +89,41 @@ def info_to_pb(info: ModuleInfo, out: pb.ModuleInfo | None = None) -> pb.ModuleI
     return msg
 
 
-def state_to_pb(state: Mapping[str, np.ndarray]) -> pb.ModuleState:
-    msg = pb.ModuleState()
+def state_to_pb(
+    state: Mapping[str, np.ndarray], out: pb.ModuleState | None = None
+) -> pb.ModuleState:
+    msg = pb.ModuleState() if out is None else out
     for key, value in state.items():
-        wire.encode(value, getattr(msg, key))
+        if key == COUNT_KEY:
+            msg.num_batches_tracked = int(value)
+        else:
+            wire.encode(value, getattr(msg, key))
     return msg
 
 
 def state_from_pb(msg: pb.ModuleState) -> dict[str, np.ndarray]:
-    """Decode the present entries of a ModuleState."""
-    return {key: decode(getattr(msg, key)) for key in STATE_KEYS if msg.HasField(key)}  # type: ignore[arg-type]
+    """Decode the present entries of a ModuleState (num_batches_tracked as int64 0-d)."""
+    state = {key: decode(getattr(msg, key)) for key in STATE_KEYS if msg.HasField(key)}  # type: ignore[arg-type]
+    if msg.HasField("num_batches_tracked"):
+        state[COUNT_KEY] = np.array(msg.num_batches_tracked, np.int64)
+    return state
+
+
+def params_from_pb(msg: pb.ForwardRequest, limits: Limits | None = None) -> CallParams | None:
+    """A forward's own weight, bias (float64 (C,)) and mode; None when it brings none."""
+    training = msg.training if msg.HasField("training") else None
+    vectors: list[np.ndarray | None] = []
+    for what in ("weight", "bias"):
+        if not msg.HasField(what):  # type: ignore[arg-type]
+            vectors.append(None)
+            continue
+        array = decode(getattr(msg, what), limits, what)
+        if array.ndim == 4 and array.shape[0] == array.shape[2] == array.shape[3] == 1:
+            array = array.reshape(-1)  # MegEngine's (1, C, 1, 1)
+        vectors.append(array.astype(np.float64))
+    if training is None and vectors == [None, None]:
+        return None
+    return CallParams(vectors[0], vectors[1], training)
 
 
 def require(tensor: pb.Tensor, what: str) -> pb.Tensor:

@@ -44,6 +44,23 @@ DEDUP_WINDOW = 30.0
 #: Names of the state entries, in state_dict order.
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
 
+#: The training-update count, PyTorch's name; an int64 0-d entry where a state
+#: dict carries it (present when the module tracks running statistics).
+COUNT_KEY = "num_batches_tracked"
+
+
+@dataclass(frozen=True)
+class CallParams:
+    """A caller's parameters and mode for one forward (a framework module that owns
+    its parameters sends them with each call). None: the module's own.
+
+    weight, bias: float64 (C,), given together and only for an affine module.
+    """
+
+    weight: kernel.Vector | None = None
+    bias: kernel.Vector | None = None
+    training: bool | None = None
+
 
 @dataclass(frozen=True)
 class SavedForBackward:
@@ -205,10 +222,27 @@ class BatchNorm:
                 f"got {grad_out.dtype} {grad_out.shape}"
             )
 
-    def uses_batch_stats(self) -> bool:
-        """Whether forward normalizes with batch statistics (else running ones)."""
+    def uses_batch_stats(self, training: bool | None = None) -> bool:
+        """Whether forward normalizes with batch statistics (else running ones), in the
+        module's mode or in `training` when given."""
         cfg = self.config
-        return (self.training and not cfg.freeze) or not cfg.track_running_stats
+        training = self.training if training is None else training
+        return (training and not cfg.freeze) or not cfg.track_running_stats
+
+    def check_params(self, params: CallParams) -> None:
+        """Raise InvalidArgument unless a forward's own weight and bias fit this module."""
+        if (params.weight is None) != (params.bias is None):
+            raise InvalidArgument("a forward's weight and bias are given together or not at all")
+        if params.weight is None or params.bias is None:
+            return
+        if not self.config.affine:
+            raise InvalidArgument(f"{self.config.describe()} has no weight and bias (affine=False)")
+        c = self.config.num_features
+        for key, value in (("weight", params.weight), ("bias", params.bias)):
+            if value.shape != (c,):
+                raise InvalidArgument(f"{key} must have {c} values, got shape {value.shape}")
+            if not np.isfinite(value).all():
+                raise InvalidArgument(f"{key} has non-finite values")
 
     def forward(
         self,
@@ -217,8 +251,12 @@ class BatchNorm:
         request_id: str = "",
         step: Step | None = None,
         persist: Persist | None = None,
+        params: CallParams | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
+
+        `params` (the caller's weight, bias and mode) are used instead of the
+        module's and stored with the forward's result, only if it succeeds.
 
         Returns the output (same shape and dtype) and, when asked, what
         backward needs. Batch statistics go through `step.reduce` (a
@@ -230,13 +268,21 @@ class BatchNorm:
         nothing changes.
         """
         step = step if step is not None else Step()
+        params = params if params is not None else CallParams()
         self.check_input(x)
+        self.check_params(params)
         with self.lock:
-            weight = None if self.weight is None else self.weight.astype(np.float64)
-            bias = None if self.bias is None else self.bias.astype(np.float64)
+            training = self.training if params.training is None else params.training
+            weight: kernel.Vector | None
+            bias: kernel.Vector | None
+            if params.weight is not None:
+                weight, bias = params.weight, params.bias
+            else:
+                weight = None if self.weight is None else self.weight.astype(np.float64)
+                bias = None if self.bias is None else self.bias.astype(np.float64)
             applied = self._applied.get(request_id) if request_id else None
-            batch = self.uses_batch_stats()
-            update = batch and self.training and self.config.track_running_stats
+            batch = self.uses_batch_stats(training)
+            update = batch and training and self.config.track_running_stats
             state = self._running_state() if update else None
             running = None if batch else self._running_normalization()
         step.needs_round = batch and applied is None
@@ -248,6 +294,7 @@ class BatchNorm:
         else:
             norm = self._batch_step(x, step, state, request_id, persist)
         y = kernel.normalize(x, norm.mean, norm.inv_std, weight, bias)
+        self._store_params(params)
         saved = None
         if keep_for_backward:
             saved = SavedForBackward(
@@ -300,6 +347,31 @@ class BatchNorm:
                 self._publish_update(running, request_id if remember else "", entry)
         return norm
 
+    def _store_params(self, params: CallParams) -> None:
+        """Keep a successful forward's own weight, bias and mode (in memory; the engine
+        makes them durable)."""
+        if params.weight is None and params.training is None:
+            return
+        with self.commit_lock, self.lock:
+            if params.weight is not None and params.bias is not None:
+                self.weight = params.weight.astype(np.float32)
+                self.bias = params.bias.astype(np.float32)
+            if params.training is not None:
+                self.training = params.training
+            self.revision += 1
+
+    def running_stats(self) -> dict[str, np.ndarray]:
+        """running_mean and running_var, float32 (1, C, 1, 1), and num_batches_tracked
+        (int64 0-d), read together; empty without track_running_stats."""
+        with self.lock:
+            if self.running_mean is None or self.running_var is None:
+                return {}
+            return {
+                "running_mean": _report(self.running_mean),
+                "running_var": _report(self.running_var),
+                COUNT_KEY: np.array(self.num_batches_tracked, np.int64),
+            }
+
     def _normalization(self, stats: kernel.Moments) -> Normalization:
         mode = self._eps_mode()
         return Normalization(
@@ -323,7 +395,7 @@ class BatchNorm:
         ref = outcome.reference
         if ref is not None and not base.same_as(ref):
             base = ref
-        mean, var = self._next_running_stats(stats, base.mean, base.var)
+        mean, var = self._next_running_stats(stats, base.mean, base.var, base.version + 1)
         return mean, var, base.version + 1
 
     def _publish_update(
@@ -391,11 +463,17 @@ class BatchNorm:
         return "max" if sync is not None and sync.eps_mode == "max" else "additive"
 
     def _next_running_stats(
-        self, stats: kernel.Moments, running_mean: np.ndarray, running_var: np.ndarray
+        self,
+        stats: kernel.Moments,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        batches: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (C,) running stats after blending `stats` into the given ones;
-        InvalidArgument if they overflow."""
-        m = np.float64(self.config.momentum)
+        """float32 (C,) running stats after blending `stats` into the given ones as the
+        `batches`-th update; InvalidArgument if they overflow."""
+        momentum = self.config.momentum
+        # momentum None (PyTorch's cumulative average): the batch weighs 1/batches.
+        m = np.float64(1.0 - 1.0 / batches if momentum is None else momentum)
         # float64 blend, one rounding to float32 (MegEngine blends in float32). A float64
         # scalar times the float32 state computes in float64.
         mean = running_mean * m
@@ -481,9 +559,13 @@ class BatchNorm:
 
         Unknown or absent-on-this-module keys are rejected; with `strict`, every
         present entry must be given. Values must be finite and running_var >= 0.
+        `num_batches_tracked` (an integer >= 0, for modules that track running
+        statistics) may be given too, strict or not; absent, it stays as it is.
         Validation happens here, before anything is staged.
         """
         present = [k for k in STATE_KEYS if getattr(self, k) is not None]
+        state = dict(state)
+        batches = self._staged_count(state.pop(COUNT_KEY, None))
         unexpected = sorted(set(state) - set(present))
         if unexpected:
             raise InvalidArgument(
@@ -513,7 +595,30 @@ class BatchNorm:
             if key == "running_var" and (vec < 0).any():
                 raise InvalidArgument("state entry 'running_var' has negative values")
             staged[key] = vec
-        return lambda record: replace(record, **staged)  # type: ignore[arg-type]
+        def change(record: Record) -> Record:
+            record = replace(record, **staged)  # type: ignore[arg-type]
+            if batches is not None:
+                record = replace(record, num_batches_tracked=batches)
+            return record
+
+        return change
+
+    def _staged_count(self, value: np.ndarray | None) -> int | None:
+        """A num_batches_tracked entry as an int, or InvalidArgument."""
+        if value is None:
+            return None
+        if not self.config.track_running_stats:
+            raise InvalidArgument(
+                f"unexpected state entry {COUNT_KEY!r} for {self.config.describe()} "
+                f"(it tracks no running statistics)"
+            )
+        array = np.asarray(value)
+        if array.size != 1 or array.dtype.kind not in "iu":
+            raise InvalidArgument(f"{COUNT_KEY!r} must be one integer, got {array.dtype}")
+        count = int(array.reshape(()))
+        if count < 0:
+            raise InvalidArgument(f"{COUNT_KEY!r} must be >= 0, got {count}")
+        return count
 
     @staticmethod
     def running_stats_reset(record: Record) -> Record:
