@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 from bnserver.engine import Engine
 from bnserver.rpc.status import status_of
 from bnserver.state.persistence import Persister
-from bnserver.sync.step import Reducer
+from bnserver.sync.step import Done, Reducer
 from bnserver.sync.ticket import Contribution, Outcome, Ticket
 
 #: Latency buckets in seconds: sub-millisecond small calls up to sync rounds
@@ -182,6 +182,24 @@ class ObservedReducer:
         finally:
             self.metrics.sync_rounds.labels(outcome).inc()
             self.metrics.sync_round_seconds.observe(time.perf_counter() - start)
+
+    def submit(self, ticket: Ticket, part: Contribution, done: Done) -> None:
+        """The inner reducer's `submit`, counted and timed when its round ends."""
+        start = time.perf_counter()
+
+        def counted(outcome: Outcome | None, error: Exception | None) -> None:
+            self._count("ok" if error is None else _outcome(error), start)
+            done(outcome, error)
+
+        try:
+            self.inner.submit(ticket, part, counted)  # type: ignore[attr-defined]
+        except BaseException as exc:
+            self._count(_outcome(exc), start)
+            raise
+
+    def _count(self, outcome: str, start: float) -> None:
+        self.metrics.sync_rounds.labels(outcome).inc()
+        self.metrics.sync_round_seconds.observe(time.perf_counter() - start)
 
     def abort(self, ticket: Ticket, reason: str) -> None:
         self.inner.abort(ticket, reason)

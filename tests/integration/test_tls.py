@@ -140,9 +140,9 @@ def test_untrusted_certificate_fails_with_unavailable(
         assert "tls.untrusted" not in [m.name for m in c.list_modules()]
 
 
-def _two_ranks(addresses: list[str], name: str) -> tuple[Any, Any, float]:
+def _two_ranks(addresses: list[str], name: str, retries: int = 5) -> tuple[Any, Any, float]:
     def step(address: str, rank: int) -> Any:
-        with Client(address, timeout=30) as c:
+        with Client(address, timeout=30, retries=retries) as c:
             bn = c.sync_batch_norm(name, C, group="tls", rank=rank, world_size=2)
             try:
                 return bn(batch(10 + rank))
@@ -193,7 +193,8 @@ def test_server_without_the_coordinators_ca_fails_fast(
         tmp_path / "s", "--coordinator", tls_coordinator.address, *extra, "--sync-timeout", "5"
     )
     try:
-        r0, r1, elapsed = _two_ranks([server.address, server.address], "tls.denied")
+        # No SDK retries: the question is whether one step waits out the round.
+        r0, r1, elapsed = _two_ranks([server.address, server.address], "tls.denied", retries=0)
     finally:
         server.kill()
     for r in (r0, r1):

@@ -1040,3 +1040,63 @@ class AbortResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortResponse: _TypeAlias = AbortResponse  # noqa: Y015
+
+@_typing.final
+class RoundPart(_message.Message):
+    """One part on a server's long-lived Rounds stream, tagged with an id the reply
+    echoes (parts of several rounds may be in flight on one stream).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def part(self) -> Global___ReduceRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        part: Global___ReduceRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundPart: _TypeAlias = RoundPart  # noqa: Y015
+
+@_typing.final
+class RoundEnd(_message.Message):
+    """The end of the round a RoundPart joined: its outcome (code 0, OK), or the
+    gRPC status code and message Reduce would have failed with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def outcome(self) -> Global___ReduceResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        outcome: Global___ReduceResponse | None = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "message", b"message", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundEnd: _TypeAlias = RoundEnd  # noqa: Y015

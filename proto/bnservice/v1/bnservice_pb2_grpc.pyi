@@ -233,6 +233,11 @@ class CoordinatorServiceStub:
     """
     Abort: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.AbortRequest, _bnservice_pb2.AbortResponse]
     """Fails the round the ticket's rank would join: it cannot take part."""
+    Rounds: _grpc.StreamStreamMultiCallable[_bnservice_pb2.RoundPart, _bnservice_pb2.RoundEnd]
+    """Reduce for many parts over one stream, as servers use it: each RoundPart
+    is answered by one RoundEnd with its id when its round ends, in whatever
+    order rounds end. Saves a call's setup per part.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -245,6 +250,11 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """
     Abort: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.AbortRequest, _bnservice_pb2.AbortResponse]  # type: ignore[assignment]
     """Fails the round the ticket's rank would join: it cannot take part."""
+    Rounds: _aio.StreamStreamMultiCallable[_bnservice_pb2.RoundPart, _bnservice_pb2.RoundEnd]  # type: ignore[assignment]
+    """Reduce for many parts over one stream, as servers use it: each RoundPart
+    is answered by one RoundEnd with its id when its round ends, in whatever
+    order rounds end. Saves a call's setup per part.
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -266,5 +276,16 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bnservice_pb2.AbortResponse, _abc.Awaitable[_bnservice_pb2.AbortResponse]]:
         """Fails the round the ticket's rank would join: it cannot take part."""
+
+    @_abc_1.abstractmethod
+    def Rounds(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bnservice_pb2.RoundPart],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bnservice_pb2.RoundEnd], _abc.AsyncIterator[_bnservice_pb2.RoundEnd]]:
+        """Reduce for many parts over one stream, as servers use it: each RoundPart
+        is answered by one RoundEnd with its id when its round ends, in whatever
+        order rounds end. Saves a call's setup per part.
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

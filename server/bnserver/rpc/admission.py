@@ -12,7 +12,8 @@ Every call passes one interceptor (`Gate`) before any of its bytes are read:
 * a call waiting to receive its next message, or to send one its client does
   not read, for `idle_timeout` seconds is cancelled, which frees its worker and
   its buffers. Time spent computing or waiting for sync peers is not idle (a
-  round is bounded by --sync-timeout).
+  round is bounded by --sync-timeout), and peers' calls are exempt (a server's
+  stream to its coordinator is idle between rounds by design).
 
 Handlers are re-registered request-streaming (a unary call is read as a
 stream of one message), so the bookkeeping runs before the request arrives.
@@ -164,6 +165,7 @@ class Admission:
                     c
                     for c in self._calls
                     if not c.cancelled
+                    and c.bucket != PEERS  # servers' long-lived Rounds streams idle by design
                     and c.waiting_since is not None
                     and now - c.waiting_since >= timeout
                 ]

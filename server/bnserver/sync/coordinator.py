@@ -30,9 +30,12 @@ servers with an embedded coordinator call it directly.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bnserver.core.kernel import Moments
@@ -41,6 +44,9 @@ from bnserver.sync.ticket import Contribution, Outcome, Phase, RoundKey, Running
 
 #: Longest abort reason kept, in characters.
 MAX_REASON = 1000
+
+#: Told how a round ended: (outcome, None) or (None, error); called exactly once.
+Done = Callable[[Outcome | None, Exception | None], None]
 
 
 @dataclass
@@ -55,6 +61,7 @@ class _Round:
     outcome: Outcome | None = None
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    waiting: list[Done] = field(default_factory=list)
 
     def missing(self) -> str:
         """The ranks that have not contributed, for messages (long lists shortened)."""
@@ -106,7 +113,11 @@ def merge(phase: Phase, parts: dict[int, Contribution]) -> Outcome:
 
 
 class Coordinator:
-    """Holds the rounds in progress. Thread-safe; each contributor blocks in its own thread.
+    """Holds the rounds in progress. Thread-safe.
+
+    `contribute` blocks its thread until the round ends; `submit` returns at once
+    and calls back when it ends (what a stream of many parts, one per round, needs).
+    One reaper thread ends the rounds whose timeout passes.
 
     timeout:    seconds a round may wait for its ranks, from its first part; also
                 how long a tombstone waits for the ranks still to be told.
@@ -126,6 +137,11 @@ class Coordinator:
             max_rounds if max_rounds_per_tenant is None else max_rounds_per_tenant
         )
         self._lock = threading.Lock()
+        self._deadlines = threading.Condition(self._lock)  # wakes the reaper
+        self._heap: list[tuple[float, int, RoundKey, _Round]] = []
+        self._seq = itertools.count()
+        self._reaper: threading.Thread | None = None
+        self._notify: list[tuple[list[Done], Outcome | None, Exception | None]] = []
         self._rounds: dict[RoundKey, _Round] = {}
         self._tombstones: dict[RoundKey, _Tombstone] = {}
         self._per_tenant: Counter[str] = Counter()
@@ -144,21 +160,40 @@ class Coordinator:
         rank's ticket or part is malformed or differs from its peers'), Aborted,
         DeadlineExceeded, ResourceExhausted.
         """
+        ended = threading.Event()
+        result: list[tuple[Outcome | None, Exception | None]] = []
+
+        def done(outcome: Outcome | None, error: Exception | None) -> None:
+            result.append((outcome, error))
+            ended.set()
+
+        self.submit(ticket, part, done)
+        ended.wait()
+        outcome, error = result[0]
+        if error is not None:
+            raise error
+        assert outcome is not None
+        return outcome
+
+    def submit(self, ticket: Ticket, part: Contribution, done: Done) -> None:
+        """Add `ticket`'s part to the open round of its key without waiting: `done` is
+        called once the round ends (in the thread that ends it). Failures known at once
+        (the errors of `contribute`) are raised here instead, and `done` is not called."""
         ticket.check()
-        key = ticket.key
         try:
             part.check()
         except InvalidArgument as exc:
             self.abort(ticket, str(exc))  # the peers need not wait for it
             raise
-        with self._lock:
-            rnd = self._join(ticket, part)
-        while not rnd.done.wait(max(rnd.deadline - time.monotonic(), 0.0)):
-            self._expire(key, rnd)
-        if rnd.error is not None:
-            raise rnd.error
-        assert rnd.outcome is not None
-        return rnd.outcome
+        try:
+            with self._lock:
+                rnd = self._join(ticket, part)
+                if not rnd.done.is_set():
+                    rnd.waiting.append(done)
+                    return
+        finally:
+            self._tell()
+        done(rnd.outcome, rnd.error)
 
     def _join(self, ticket: Ticket, part: Contribution) -> _Round:
         """Add the part (caller holds the lock); return its round, or raise at once."""
@@ -181,6 +216,7 @@ class Coordinator:
                 ticket.world_size, ticket.signature, part.width, time.monotonic() + self.timeout
             )
             self._rounds[key] = rnd
+            self._watch(key, rnd)
         if (ticket.world_size, ticket.signature, part.width) != (
             rnd.world_size,
             rnd.signature,
@@ -214,6 +250,12 @@ class Coordinator:
         ticket.check()
         key, rank = ticket.key, ticket.rank
         error = Aborted(f"round aborted by {ticket}: {reason[:MAX_REASON]}")
+        try:
+            self._abort(key, rank, error, ticket.world_size)
+        finally:
+            self._tell()
+
+    def _abort(self, key: RoundKey, rank: int, error: Exception, world_size: int) -> None:
         with self._lock:
             self._sweep()
             rnd = self._rounds.get(key)
@@ -228,8 +270,8 @@ class Coordinator:
                 return
             if tomb is not None:
                 self._drop_tombstone(key)  # a new step of a rank already told
-            if ticket.world_size > 1:
-                self._bury(key, error, {rank}, ticket.world_size)
+            if world_size > 1:
+                self._bury(key, error, {rank}, world_size)
 
     def _fail(self, key: RoundKey, rnd: _Round, error: Exception, rank: int) -> None:
         """End `rnd` with `error` and leave a tombstone for the ranks not yet told."""
@@ -273,14 +315,39 @@ class Coordinator:
         del self._tombstones[key]
         self._release(key)
 
-    def _expire(self, key: RoundKey, rnd: _Round) -> None:
+    def _watch(self, key: RoundKey, rnd: _Round) -> None:
+        """Have the reaper end `rnd` at its deadline (caller holds the lock)."""
+        heapq.heappush(self._heap, (rnd.deadline, next(self._seq), key, rnd))
+        if self._reaper is None:
+            self._reaper = threading.Thread(
+                target=self._reap, name="coordinator-reaper", daemon=True
+            )
+            self._reaper.start()
+        self._deadlines.notify()
+
+    def _reap(self) -> None:
+        """End rounds whose timeout passed, for as long as the process lives."""
+        while True:
+            with self._lock:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._deadlines.wait(wait)
+                _, _, key, rnd = heapq.heappop(self._heap)
+                if not rnd.done.is_set():
+                    error = DeadlineExceeded(
+                        f"{key} timed out after {self.timeout:g} s waiting for rank(s) "
+                        f"{rnd.missing()} of {rnd.world_size}; no rank updated its statistics"
+                    )
+                    self._end(key, rnd, error=error)
+            self._tell()
+
+    def _tell(self) -> None:
+        """Call the `done` callbacks of rounds that ended (without holding the lock)."""
         with self._lock:
-            if not rnd.done.is_set() and time.monotonic() >= rnd.deadline:
-                error = DeadlineExceeded(
-                    f"{key} timed out after {self.timeout:g} s waiting for rank(s) "
-                    f"{rnd.missing()} of {rnd.world_size}; no rank updated its statistics"
-                )
-                self._end(key, rnd, error=error)
+            pending, self._notify = self._notify, []
+        for waiting, outcome, error in pending:
+            for done in waiting:
+                done(outcome, error)
 
     def _sweep(self, force: bool = False) -> None:
         """Drop tombstones whose time is up (caller holds the lock); at most once a second
@@ -300,12 +367,16 @@ class Coordinator:
         outcome: Outcome | None = None,
         error: Exception | None = None,
     ) -> None:
-        """Complete `rnd` (caller holds the lock), wake its ranks and forget it."""
+        """Complete `rnd` (caller holds the lock), forget it, and queue its callbacks for
+        `_tell` (the caller calls it once it released the lock)."""
         rnd.outcome, rnd.error = outcome, error
         if self._rounds.get(key) is rnd:
             del self._rounds[key]
             self._release(key)
         rnd.done.set()
+        if rnd.waiting:
+            self._notify.append((rnd.waiting, outcome, error))
+            rnd.waiting = []
 
 
 __all__ = ["Coordinator", "RunningState", "merge"]

@@ -30,6 +30,9 @@ from bnserver.calls import CallContext
 from bnserver.errors import Aborted, DeadlineExceeded
 from bnserver.sync.ticket import Contribution, Outcome, Ticket
 
+#: Told how a round ended: (outcome, None) or (None, error).
+Done = Callable[[Outcome | None, Exception | None], None]
+
 
 class Reducer(Protocol):
     """Merges one part per rank: `Coordinator` in process, `RemoteCoordinator` over gRPC."""
@@ -148,6 +151,17 @@ class SyncStep(Step):
             )
         self._given = True
         return self.reducer.contribute(self.ticket, part)
+
+    def submit(self, part: Contribution, done: Done) -> None:
+        """Give this rank's part (once) without waiting; `done` hears how the round ended.
+        Needs a reducer that can (`Coordinator.submit`)."""
+        if self._given or self._aborted:
+            raise RuntimeError(f"{self.ticket}: a step reduces at most once")
+        submit = getattr(self.reducer, "submit", None)
+        if submit is None:
+            raise TypeError(f"{type(self.reducer).__name__} cannot take a part without waiting")
+        self._given = True
+        submit(self.ticket, part, done)
 
     def abort(self, reason: str) -> None:
         """Fail the round this step would join, for every rank (once; never after reducing)."""
