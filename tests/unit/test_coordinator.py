@@ -275,3 +275,35 @@ def test_stale_state_is_named_and_the_reference_is_the_newest() -> None:
         assert out.reference_rank == 1 and out.stale == (0,)
     same = contribute_all(coordinator, [(ticket(r), part(2, state=new)) for r in range(2)])
     assert all(o.reference is None and o.stale == () for o in same)
+
+
+def test_submit_calls_back_once_when_the_round_ends() -> None:
+    """The non-blocking path a Rounds stream uses: no thread waits, the round's end is
+    delivered to each part's callback exactly once (completed, failed, or timed out)."""
+    coordinator = Coordinator(timeout=0.3)
+    heard: list[tuple[int, object]] = []
+    lock = threading.Lock()
+
+    def tell(tag: int) -> Callable[[Outcome | None, Exception | None], None]:
+        def done(outcome: Outcome | None, error: Exception | None) -> None:
+            with lock:
+                heard.append((tag, outcome if error is None else type(error)))
+
+        return done
+
+    coordinator.submit(ticket(0), part(2), tell(0))
+    assert heard == []  # returned at once, the round is still open
+    coordinator.submit(ticket(1), part(3), tell(1))
+    assert sorted(t for t, _ in heard) == [0, 1]
+    assert all(isinstance(o, Outcome) and o.count == 5 for _, o in heard)
+    heard.clear()
+    coordinator.submit(ticket(0, module="lonely"), part(2), tell(2))
+    time.sleep(0.8)  # the reaper ends it at its deadline
+    assert heard == [(2, DeadlineExceeded)]
+    heard.clear()
+    coordinator.submit(ticket(0, module="aborted"), part(2), tell(3))
+    coordinator.abort(ticket(1, module="aborted"), "bad input")
+    assert heard == [(3, Aborted)]
+    with pytest.raises(InvalidArgument):  # failures known at once are raised, not called back
+        coordinator.submit(ticket(0, world=0), part(2), tell(4))
+    assert len(coordinator) == 0
