@@ -541,13 +541,15 @@ class BatchNorm:
             self.publish(record)
 
     def snapshot(self) -> tuple[bool, int, dict[str, np.ndarray]]:
-        """(training, num_batches_tracked, state_dict()) read together, under the lock."""
-        record = self.record()
-        return record.training, record.num_batches_tracked, record.state_dict()
+        """(training, num_batches_tracked, state_dict()) read together, under the lock
+        (without copying the dedup window, as `record()` does)."""
+        with self.lock:
+            state = {k: _report(v) for k in STATE_KEYS if (v := getattr(self, k)) is not None}
+            return self.training, self.num_batches_tracked, state
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the present entries, float32 (1, C, 1, 1), in STATE_KEYS order."""
-        return self.record().state_dict()
+        return self.snapshot()[2]
 
     # Each change below is a function of a Record (staged by `commit`), and a method
     # applying it in memory (what the unit tests and a volatile engine use).
