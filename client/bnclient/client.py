@@ -159,6 +159,7 @@ class Client:
         self._shm_link: Link | None = None
         self._shm_off_until = 0.0  # "auto": no shared memory before this time.monotonic()
         self._sessions: SessionPool | None = None
+        self._described = False
         if sessions:
             self._sessions = SessionPool(
                 lambda requests: self._stub.Session(requests, metadata=self._metadata)
@@ -465,6 +466,7 @@ class Client:
             raise LinkError("the server has shared memory off (--shm-socket none)")
         if not about.host_id or about.host_id != boot_id():
             raise LinkError("the server runs on another host")
+        self._described = True
         if about.idle_timeout > 0 and self._sessions is not None:
             self._sessions.max_idle = about.idle_timeout / 2
         return Link(about.shm_socket, about.instance, about.pid, self._token)
@@ -542,6 +544,17 @@ class Client:
 
         return self._with_retries(attempt, retry)
 
+    def _learn_idle_timeout(self, pool: SessionPool) -> None:
+        """Ask the server once after how long it cancels an idle stream, so that the pool
+        reopens streams before (an older server's answer is UNIMPLEMENTED: keep 15 s)."""
+        self._described = True
+        try:
+            about: pb.ServerDescription = self._call("Describe", pb.DescribeRequest())
+        except errors.ServiceError:
+            return
+        if about.idle_timeout > 0:
+            pool.max_idle = about.idle_timeout / 2
+
     def _in_session(self, which: str, request: Any, retry: bool) -> Any:
         """One forward or backward as a message of a pooled Session stream; falls back
         to the unary call when the server refuses streams (older server, or this
@@ -549,6 +562,8 @@ class Client:
         pool = self._sessions
         assert pool is not None
         method = "Forward" if which == "forward" else "Backward"
+        if not self._described:
+            self._learn_idle_timeout(pool)
 
         def attempt(timeout: float | None) -> Any:
             message = pb.SessionRequest(timeout=timeout or 0.0)

@@ -736,13 +736,14 @@ def _grad_input_task(
                 else:
                     center, slope, offset = terms
                     tmp = scratch[(size if widen else 0) :][: xb.size].reshape(xb.shape)
+                    # dy first: the output may be dy's own memory (written in place).
+                    np.multiply(gb, gain[at], out=tmp)
                     if center is not None:
                         np.subtract(xb, center[at], out=target)
                         np.multiply(target, slope[at], out=target)
                     else:
                         np.multiply(xb, slope[at], out=target)
                     np.add(target, offset[at], out=target)
-                    np.multiply(gb, gain[at], out=tmp)
                     np.add(target, tmp, out=target)
                 if widen:
                     np.copyto(ob, target)
