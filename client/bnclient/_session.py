@@ -27,9 +27,9 @@ from bnservice.v1 import bnservice_pb2 as pb
 #: Idle streams kept per client.
 MAX_IDLE = 16
 
-#: Seconds past a message's deadline before the watchdog cancels its stream (the
-#: server answers DEADLINE_EXCEEDED itself first).
-LATE = 0.25
+#: Seconds past a message's deadline before the watchdog cancels its stream, as gRPC
+#: would end a unary call at its deadline.
+LATE = 0.005
 
 
 class StreamBroken(Exception):
@@ -45,7 +45,10 @@ class StreamBroken(Exception):
 class Session:
     """One open Session stream."""
 
-    def __init__(self, open_stream: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, open_stream: Callable[[Any], Any], on_deadline: Callable[[], None] = lambda: None
+    ) -> None:
+        self._on_deadline = on_deadline
         self._requests: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
         self._call = open_stream(iter(self._requests.get, None))
         self.last_used = time.monotonic()
@@ -59,6 +62,8 @@ class Session:
     def ask(self, request: pb.SessionRequest, deadline: float | None) -> pb.SessionReply:
         """Send one message and wait for its reply; StreamBroken if the stream ends."""
         self.deadline = deadline
+        if deadline is not None:
+            self._on_deadline()
         fresh = self.messages == 0
         self.messages += 1
         self._requests.put(request)
@@ -104,6 +109,7 @@ class SessionPool:
         self._open = open_stream
         self.max_idle = max_idle
         self._lock = threading.Lock()
+        self._deadlines = threading.Condition(self._lock)
         self._idle: list[Session] = []
         self._busy: set[Session] = set()
         self._watchdog: threading.Thread | None = None
@@ -123,7 +129,7 @@ class SessionPool:
         for s in stale:
             s.close()
         if session is None:
-            session = Session(self._open)
+            session = Session(self._open, self._notify)
         with self._lock:
             self._busy.add(session)
         return session
@@ -146,19 +152,32 @@ class SessionPool:
                 )
                 self._watchdog.start()
 
+    def _notify(self) -> None:
+        """A message with a deadline was sent: the watchdog may have to wake sooner."""
+        with self._deadlines:
+            self._deadlines.notify()
+
     def _watch(self) -> None:
-        while not self._closed:
-            time.sleep(0.05)
-            now = time.monotonic()
-            with self._lock:
-                late = [s for s in self._busy if s.deadline is not None and now > s.deadline + LATE]
-            for s in late:
-                s.cancel()
+        """Cancel the stream of a message whose reply is late past its deadline (sleeping
+        until the earliest deadline in flight, not polling)."""
+        with self._deadlines:
+            while not self._closed:
+                now = time.monotonic()
+                due = [(s, s.deadline) for s in self._busy if s.deadline is not None]
+                waits = []
+                for s, deadline in due:
+                    if now > deadline + LATE:
+                        s.deadline = None
+                        s.cancel()
+                    else:
+                        waits.append(deadline + LATE - now)
+                self._deadlines.wait(min(waits, default=1.0) + 0.001)
 
     def close(self) -> None:
-        with self._lock:
+        with self._deadlines:
             self._closed = True
             sessions = self._idle + list(self._busy)
             self._idle = []
+            self._deadlines.notify()
         for s in sessions:
             s.close()

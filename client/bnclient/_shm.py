@@ -115,10 +115,11 @@ class Link:
 
     def alive(self) -> bool:
         """False once the server has closed the link (it stopped or restarted)."""
-        if self._closed:
-            return False
-        readable, _, _ = select.select([self._sock], [], [], 0)
-        return not readable  # the server never speaks unasked: readable means closed
+        with self._lock:  # no reply in flight: the server never speaks unasked
+            if self._closed:
+                return False
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            return not readable  # readable: the end of the stream
 
     @contextlib.contextmanager
     def segment(self, nbytes: int) -> Iterator[Segment]:

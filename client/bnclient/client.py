@@ -534,12 +534,17 @@ class Client:
                     raise errors.UnavailableError("the shared-memory socket is gone")
                 link = fresh
             first = False
-            with link.segment(contiguous.nbytes) as segment:
-                view = segment.array(contiguous.dtype, contiguous.shape)
-                np.copyto(view, contiguous)
-                region.segment, region.offset, region.length = segment.id, 0, contiguous.nbytes
-                reply = stub_method(request, timeout=timeout, metadata=self._metadata)
-                result = np.array(view)  # the segment is reused once given back
+            try:
+                with link.segment(contiguous.nbytes) as segment:
+                    view = segment.array(contiguous.dtype, contiguous.shape)
+                    np.copyto(view, contiguous)
+                    region.segment, region.offset = segment.id, 0
+                    region.length = contiguous.nbytes
+                    reply = stub_method(request, timeout=timeout, metadata=self._metadata)
+                    result = np.array(view)  # the segment is reused once given back
+            except (OSError, LinkError) as exc:
+                # The link broke (the server restarted): retried on a new one.
+                raise errors.UnavailableError(f"the shared-memory socket failed: {exc}") from None
             return reply, result
 
         return self._with_retries(attempt, retry)
