@@ -75,10 +75,10 @@ def round_trip_row(client: Client, echo: EchoClient, label: str) -> list[str]:
     ]
 
 
-def round_trip_rows(server: str, echo: str, names: list[str]) -> list[list[str]]:
+def round_trip_row_with(client: Client, echo: str, names: list[str]) -> list[list[str]]:
+    """The streamed (remote-host) round trips, through `client`."""
     echo_client = EchoClient(echo)
-    with Client(server) as client:
-        rows = [round_trip_row(client, echo_client, label) for label in names]
+    rows = [round_trip_row(client, echo_client, label) for label in names]
     echo_client.close()
     return rows
 
@@ -138,10 +138,14 @@ def _status_kib(pid: int, field: str) -> int:
 
 
 def memory_row(state_dir: str) -> list[str]:
-    """Peak RSS of a fresh server over one 1 GiB training forward, relative to the tensor."""
+    """Peak RSS of a fresh server over one 1 GiB training forward, streamed (as from
+    another host), relative to the tensor."""
     shape = ROUND_TRIPS["1 GiB"]
     x = _data(shape)
-    with start_server(Path(state_dir) / "mem") as proc, Client(proc.address) as client:
+    with (
+        start_server(Path(state_dir) / "mem") as proc,
+        Client(proc.address, shared_memory=False) as client,
+    ):
         bn = client.batch_norm_2d("bench.mem", shape[1])
         bn(np.ones((2, shape[1], 2, 2), np.float32))  # warm every code path on a tiny input
         base = _status_kib(proc.proc.pid, "VmRSS") * 1024
@@ -150,10 +154,77 @@ def memory_row(state_dir: str) -> list[str]:
         proc.terminate()
     ratio = (peak - base) / x.nbytes
     return [
-        "server peak RSS growth, 1 GiB forward",
+        "server peak RSS growth, 1 GiB forward (streamed)",
         f"{(peak - base) / GiB:.2f} GiB",
         f"tensor {x.nbytes / GiB:.2f} GiB",
         f"{ratio:.2f}x",
+    ]
+
+
+def same_host_row(client: Client, label: str) -> list[str]:
+    """Our training forward through the SDK on this host (shared memory when the server
+    shares the host) vs local torch batch_norm on the same tensor, measured in turns."""
+    import torch
+
+    shape = ROUND_TRIPS[label]
+    x = _data(shape)
+    repeat = 3 if x.nbytes >= GiB else 10
+    bn = client.batch_norm_2d(f"bench.same.{label}", shape[1])
+    t = torch.from_numpy(x)
+    c = shape[1]
+    rm, rv, w, b = torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)
+
+    def local() -> object:
+        return torch.nn.functional.batch_norm(t, rm, rv, w, b, training=True, momentum=0.1)
+
+    ours = median_seconds(lambda: bn(x), repeat=repeat, warmup=1)
+    peer = median_seconds(local, repeat=repeat, warmup=1)
+    client.delete_module(f"bench.same.{label}")
+    via = "shared memory" if client.uses_shared_memory else "streamed"
+    return [
+        f"same-host train forward, {label} ({via})",
+        f"{ours * 1e3:.1f} ms",
+        f"local torch {peer * 1e3:.1f} ms",
+        f"{ours / peer:.2f}x",
+    ]
+
+
+def _rss_anon(pid: int) -> int:
+    return _status_kib(pid, "RssAnon") * 1024
+
+
+def private_memory_row(state_dir: str) -> list[str]:
+    """Peak private (anonymous) memory growth of a fresh server over one 1 GiB training
+    forward through shared memory (the mapped shared pages are the client's; sampled
+    every millisecond)."""
+    shape = ROUND_TRIPS["1 GiB"]
+    x = _data(shape)
+    with start_server(Path(state_dir) / "anon") as proc, Client(proc.address) as client:
+        bn = client.batch_norm_2d("bench.anon", shape[1])
+        bn(np.ones((2, shape[1], 2, 2), np.float32))
+        pid = proc.proc.pid
+        base = _rss_anon(pid)
+        peak = base
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _rss_anon(pid))
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        bn(x)
+        done.set()
+        sampler.join()
+        via = "shared memory" if client.uses_shared_memory else "streamed"
+        proc.terminate()
+    return [
+        f"server peak private memory growth, 1 GiB forward ({via})",
+        f"{(peak - base) / GiB:.3f} GiB",
+        f"tensor {x.nbytes / GiB:.2f} GiB",
+        f"{(peak - base) / x.nbytes:.2f}x",
     ]
 
 
@@ -183,13 +254,18 @@ def rows(skip_huge: bool = False) -> list[list[str]]:
         with echo_server() as echo:
             server: ServerProcess
             with start_server(Path(tmp) / "main") as server:
-                out = round_trip_rows(server.address, echo, names)
+                # As from another host: streamed, never shared memory.
+                with Client(server.address, shared_memory=False) as streamed:
+                    out = round_trip_row_with(streamed, echo, names)
+                with Client(server.address) as client:
+                    out += [same_host_row(client, label) for label in names if label != "1 MiB"]
                 out += small_call_rows(server.address, echo)
                 if not skip_huge:
                     out.append(huge_row(server.address))
                 server.terminate()
         if not skip_huge:
             out.append(memory_row(tmp))
+            out.append(private_memory_row(tmp))
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -13,6 +14,8 @@ import grpc
 import numpy as np
 
 from bnclient import errors
+from bnclient._session import SessionPool, StreamBroken
+from bnclient._shm import Link, LinkError, boot_id
 from bnclient.modules import (
     PROXY_CLASSES,
     BatchNorm,
@@ -54,6 +57,18 @@ MAX_BACKOFF = 2.0
 #: Tensors above this many bytes are streamed in chunks (see bench/transport.py).
 STREAM_THRESHOLD = 1 << 20
 
+#: Tensors of at least this many bytes go through shared memory when the server shares
+#: this host (below it, copying through a message costs less than the extra socket
+#: round trip a new segment needs).
+SHM_THRESHOLD = 64 << 10
+
+#: Forwards and backwards with tensors up to this many bytes go through a persistent
+#: Session stream (no gRPC call each).
+SESSION_THRESHOLD = 64 << 10
+
+#: Seconds before "auto" tries shared memory again after the server's socket failed.
+SHM_RETRY_AFTER = 10.0
+
 T = TypeVar("T")
 
 
@@ -72,6 +87,13 @@ class Client:
     stream_threshold: tensors larger than this many bytes travel as chunked
         streams instead of one message (any size works; large unary messages
         are slower and gRPC refuses them from 2 GiB).
+    shared_memory: "auto" (default): tensors of at least `shm_threshold` bytes
+        travel through shared memory when the server runs on this host and its
+        shared-memory socket proves to be that server's; True: the same, and
+        the constructor raises UnavailableError when it cannot work; False: never.
+    sessions: small forwards and backwards (tensors up to `session_threshold`
+        bytes) travel over persistent Session streams, one per thread in flight,
+        instead of a call each (False: unary calls).
 
     A Client pickles as its constructor arguments (token and certificates
     included) and unpickles into a new connection to the same server;
@@ -89,7 +111,13 @@ class Client:
         retries: int = 5,
         retry_backoff: float = 0.1,
         options: Sequence[tuple[str, Any]] = (),
+        shared_memory: Literal["auto"] | bool = "auto",
+        shm_threshold: int = SHM_THRESHOLD,
+        sessions: bool = True,
+        session_threshold: int = SESSION_THRESHOLD,
     ) -> None:
+        if shared_memory not in ("auto", True, False):
+            raise ValueError(f"shared_memory must be 'auto', True or False, not {shared_memory!r}")
         self._args: dict[str, Any] = {
             "target": target,
             "token": token,
@@ -99,6 +127,10 @@ class Client:
             "retries": retries,
             "retry_backoff": retry_backoff,
             "options": tuple(options),
+            "shared_memory": shared_memory,
+            "shm_threshold": shm_threshold,
+            "sessions": sessions,
+            "session_threshold": session_threshold,
         }
         self.target = target
         self.timeout = timeout
@@ -119,11 +151,37 @@ class Client:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self._stub = pb_grpc.BatchNormServiceStub(self._channel)
+        self._token = token
+        self.shared_memory = shared_memory
+        self.shm_threshold = shm_threshold
+        self.session_threshold = session_threshold
+        self._shm_lock = threading.Lock()
+        self._shm_link: Link | None = None
+        self._shm_off_until = 0.0  # "auto": no shared memory before this time.monotonic()
+        self._sessions: SessionPool | None = None
+        self._described = False
+        if sessions:
+            self._sessions = SessionPool(
+                lambda requests: self._stub.Session(requests, metadata=self._metadata)
+            )
+        if shared_memory is True:
+            self._link()  # fails now, clearly, if it cannot work
 
     # -- lifecycle ----------------------------------------------------------
 
     def close(self) -> None:
+        if self._sessions is not None:
+            self._sessions.close()
+        with self._shm_lock:
+            if self._shm_link is not None:
+                self._shm_link.close()
+                self._shm_link = None
         self._channel.close()
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether large tensors go through shared memory now (connects if need be)."""
+        return self._link() is not None
 
     def __enter__(self) -> Client:
         return self
@@ -358,14 +416,201 @@ class Client:
                 return attempt(remaining)
             except grpc.RpcError as err:
                 error = errors.from_rpc_error(err)
-                if not retry or n >= self.retries or error.code not in RETRYABLE:
-                    raise error from None
+            except errors.ServiceError as err:  # a Session message's own status
+                error = err
+            if not retry or n >= self.retries or error.code not in RETRYABLE:
+                raise error from None
             pause = delay * random.uniform(0.5, 1.5)
             if deadline is not None and time.monotonic() + pause >= deadline:
                 raise error
             time.sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF)
         raise AssertionError("unreachable")
+
+    # -- transports of forward and backward ----------------------------------
+
+    def _link(self) -> Link | None:
+        """The shared-memory link to the server, (re)connected if need be; None when
+        shared memory is off or cannot work ("auto"); UnavailableError when it cannot
+        work and shared_memory is True."""
+        if self.shared_memory is False:
+            return None
+        with self._shm_lock:
+            link = self._shm_link
+            if link is not None and link.alive():
+                return link
+            if link is not None:
+                link.close()  # the server stopped or restarted: its segments are gone
+                self._shm_link = None
+            if self.shared_memory == "auto" and time.monotonic() < self._shm_off_until:
+                return None
+            try:
+                self._shm_link = self._connect_shm()
+            except (LinkError, errors.ServiceError) as exc:
+                if self.shared_memory is True:
+                    raise errors.UnavailableError(
+                        f"shared memory with {self.target} cannot work: {exc}"
+                    ) from None
+                self._shm_off_until = time.monotonic() + SHM_RETRY_AFTER
+                return None
+            return self._shm_link
+
+    def _connect_shm(self) -> Link:
+        try:
+            about: pb.ServerDescription = self._call("Describe", pb.DescribeRequest())
+        except errors.ServiceError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                raise LinkError("the server predates shared memory") from None
+            raise
+        if not about.shm_socket:
+            raise LinkError("the server has shared memory off (--shm-socket none)")
+        if not about.host_id or about.host_id != boot_id():
+            raise LinkError("the server runs on another host")
+        self._described = True
+        if about.idle_timeout > 0 and self._sessions is not None:
+            self._sessions.max_idle = about.idle_timeout / 2
+        return Link(about.shm_socket, about.instance, about.pid, self._token)
+
+    def _forward(
+        self, request: pb.ForwardRequest, array: np.ndarray
+    ) -> tuple[pb.ForwardResponse, np.ndarray]:
+        """One forward of `array` (request without input): shared memory, a stream, a
+        Session message or a unary call, by size. Retried with its request id."""
+        nbytes = array.nbytes
+        if nbytes >= self.shm_threshold and (link := self._link()) is not None:
+            return self._shared("Forward", request, array, link, retry=True)
+        if nbytes > self.stream_threshold:
+            sent = wire.encode_header(array, request.input)
+            return self._stream(  # type: ignore[no-any-return]
+                "StreamForward",
+                lambda: wire.send(pb.ForwardChunk, request, sent),
+                lambda h: h.output,
+                True,
+            )
+        wire.encode(array, request.input)
+        if nbytes <= self.session_threshold and self._sessions is not None:
+            reply = self._in_session("forward", request, retry=True)
+        else:
+            reply = self._call("Forward", request, True)
+        return reply, wire.decode(reply.output)
+
+    def _backward(
+        self, request: pb.BackwardRequest, grad: np.ndarray
+    ) -> tuple[pb.BackwardResponse, np.ndarray]:
+        """One backward (never retried: its handle is single use), by size as `_forward`."""
+        nbytes = grad.nbytes
+        if nbytes >= self.shm_threshold and (link := self._link()) is not None:
+            return self._shared("Backward", request, grad, link, retry=False)
+        if nbytes > self.stream_threshold:
+            sent = wire.encode_header(grad, request.grad_output)
+            return self._stream(  # type: ignore[no-any-return]
+                "StreamBackward",
+                lambda: wire.send(pb.BackwardChunk, request, sent),
+                lambda h: h.grad_input,
+            )
+        wire.encode(grad, request.grad_output)
+        if nbytes <= self.session_threshold and self._sessions is not None:
+            reply = self._in_session("backward", request, retry=False)
+        else:
+            reply = self._call("Backward", request)
+        return reply, wire.decode(reply.grad_input)
+
+    def _shared(
+        self, method: str, request: Any, array: np.ndarray, link: Link, retry: bool
+    ) -> tuple[Any, np.ndarray]:
+        """A Forward or Backward whose tensor travels in a shared segment (the server
+        writes its result over it); each attempt writes the tensor again."""
+        field = "input" if method == "Forward" else "grad_output"
+        contiguous = wire.encode_header(array, getattr(request, field))
+        region: pb.SharedRegion = getattr(request, f"{field}_region")
+        stub_method = getattr(self._stub, method)
+        first = True
+
+        def attempt(timeout: float | None) -> tuple[Any, np.ndarray]:
+            nonlocal first, link
+            if not first:
+                fresh = self._link()  # the server may have restarted meanwhile
+                if fresh is None:
+                    raise errors.UnavailableError("the shared-memory socket is gone")
+                link = fresh
+            first = False
+            try:
+                with link.segment(contiguous.nbytes) as segment:
+                    view = segment.array(contiguous.dtype, contiguous.shape)
+                    np.copyto(view, contiguous)
+                    region.segment, region.offset = segment.id, 0
+                    region.length = contiguous.nbytes
+                    reply = stub_method(request, timeout=timeout, metadata=self._metadata)
+                    result = np.array(view)  # the segment is reused once given back
+            except (OSError, LinkError) as exc:
+                # The link broke (the server restarted): retried on a new one.
+                raise errors.UnavailableError(f"the shared-memory socket failed: {exc}") from None
+            return reply, result
+
+        return self._with_retries(attempt, retry)
+
+    def _learn_idle_timeout(self, pool: SessionPool) -> None:
+        """Ask the server once after how long it cancels an idle stream, so that the pool
+        reopens streams before (an older server's answer is UNIMPLEMENTED: keep 15 s)."""
+        self._described = True
+        try:
+            about: pb.ServerDescription = self._call("Describe", pb.DescribeRequest())
+        except errors.ServiceError:
+            return
+        if about.idle_timeout > 0:
+            pool.max_idle = about.idle_timeout / 2
+
+    def _in_session(self, which: str, request: Any, retry: bool) -> Any:
+        """One forward or backward as a message of a pooled Session stream; falls back
+        to the unary call when the server refuses streams (older server, or this
+        tenant's calls in progress at --max-calls-per-tenant)."""
+        pool = self._sessions
+        assert pool is not None
+        method = "Forward" if which == "forward" else "Backward"
+        if not self._described:
+            self._learn_idle_timeout(pool)
+
+        def attempt(timeout: float | None) -> Any:
+            message = pb.SessionRequest(timeout=timeout or 0.0)
+            getattr(message, which).CopyFrom(request)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if deadline is not None:
+                pool.watch()
+            session = pool.take()
+            healthy = False
+            try:
+                reply: pb.SessionReply = session.ask(message, deadline)
+                healthy = True
+            except StreamBroken as broken:
+                code = broken.error.code()  # type: ignore[attr-defined]
+                if broken.ours:
+                    raise errors.DeadlineExceededError(
+                        "the call's deadline passed without a reply"
+                    ) from None
+                if broken.fresh and code in (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.UNIMPLEMENTED,
+                ):
+                    if code == grpc.StatusCode.UNIMPLEMENTED:
+                        self._sessions = None
+                    stub_method = getattr(self._stub, method)
+                    return stub_method(request, timeout=timeout, metadata=self._metadata)
+                if code == grpc.StatusCode.CANCELLED and not broken.fresh and which == "forward":
+                    # The server ended a stream idle too long just as we reused it: the
+                    # message may not have run; its request id makes a retry safe.
+                    raise errors.UnavailableError("the session stream was closed") from None
+                raise broken.error from None
+            finally:
+                pool.give(session, healthy)
+            if reply.code:
+                status = _STATUS.get(reply.code, grpc.StatusCode.UNKNOWN)
+                raise errors.from_status(status, reply.message)
+            return getattr(reply, which)
+
+        return self._with_retries(attempt, retry)
+
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _restore(args: dict[str, Any]) -> Client:

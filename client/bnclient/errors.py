@@ -87,6 +87,11 @@ _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
 }
 
 
+def from_status(code: grpc.StatusCode, details: str) -> ServiceError:
+    """The typed exception for a status (ServiceError for unmapped codes)."""
+    return _BY_CODE.get(code, ServiceError)(details, code)
+
+
 def from_rpc_error(err: grpc.RpcError) -> ServiceError:
     """The typed exception for a failed call (ServiceError for unmapped codes)."""
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN

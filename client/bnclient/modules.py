@@ -170,7 +170,7 @@ class BatchNorm:
         training: bool | None = None,
         return_running_stats: bool = False,
     ) -> _ForwardResult:
-        """One Forward call, streamed in chunks when `array` is large.
+        """One Forward call (see `Client._forward` for how it travels).
 
         weight, bias, training: the caller's own for this call (stored with it).
         """
@@ -185,20 +185,9 @@ class BatchNorm:
             wire.encode(bias, request.bias)
         if training is not None:
             request.training = training
-        retry = True  # the request id makes a retry apply at most once
-        reply: pb.ForwardResponse
-        if array.nbytes > self._client.stream_threshold:
-            sent = wire.encode_header(array, request.input)
-            reply, y = self._client._stream(
-                "StreamForward",
-                lambda: wire.send(pb.ForwardChunk, request, sent),
-                lambda h: h.output,
-                retry,
-            )
-        else:
-            wire.encode(array, request.input)
-            reply = self._client._call("Forward", request, retry)
-            y = wire.decode(reply.output)
+        # Shared memory, a stream, a Session message or a unary call, by size; retried
+        # with the request id, which makes a retry apply at most once.
+        reply, y = self._client._forward(request, array)
         stats = _state_from_pb(reply.running_stats) if return_running_stats else {}
         return _ForwardResult(y, reply.backward_handle, stats)
 
@@ -366,18 +355,7 @@ class VJP:
         """Backward; dx may be a read-only view of the reply."""
         client = self._module._client
         request = pb.BackwardRequest(ref=self._module._ref, backward_handle=self.handle)
-        reply: pb.BackwardResponse
-        if grad.nbytes > client.stream_threshold:
-            sent = wire.encode_header(grad, request.grad_output)
-            reply, dx = client._stream(
-                "StreamBackward",
-                lambda: wire.send(pb.BackwardChunk, request, sent),
-                lambda h: h.grad_input,
-            )
-        else:
-            wire.encode(grad, request.grad_output)
-            reply = client._call("Backward", request)
-            dx = wire.decode(reply.grad_input)
+        reply, dx = client._backward(request, grad)
         if not reply.HasField("grad_weight"):
             return dx, None, None
         return dx, np.array(wire.decode(reply.grad_weight)), np.array(wire.decode(reply.grad_bias))

@@ -259,8 +259,12 @@ class Engine:
         request_id: str = "",
         step: Step | None = None,
         params: CallParams | None = None,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, str]:
         """Run the module on `x`; return the output and a backward handle ('' unless kept).
+
+        `out`: where the output goes (x's shape and dtype; x itself unless kept for
+        backward), else a new array.
 
         `step` is the one `self.step(key, Phase.FORWARD)` opened (None: open one here).
         `params`: the caller's weight, bias and mode for this forward, stored with it.
@@ -271,7 +275,7 @@ class Engine:
         if step is None:
             training = None if params is None else params.training
             with self.step(key, Phase.FORWARD, training=training) as own:
-                return self.forward(key, x, keep_for_backward, request_id, own, params)
+                return self.forward(key, x, keep_for_backward, request_id, own, params, out)
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(
                 f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID} are allowed"
@@ -282,7 +286,7 @@ class Engine:
             handles.check_fits(SavedForBackward.size_for(x))
         persist = self._persist(key, module) if self.persistence.always else None
         updates, training = module.updates, module.training
-        y, saved = module.forward(x, keep_for_backward, request_id, step, persist, params)
+        y, saved = module.forward(x, keep_for_backward, request_id, step, persist, params, out)
         stored = params is not None and params.weight is not None
         if (params is not None and params.training not in (None, training)) or (
             stored and persist is not None
@@ -300,20 +304,27 @@ class Engine:
         return y, handle
 
     def backward(
-        self, key: ModuleKey, handle: str, grad_out: np.ndarray, step: Step | None = None
+        self,
+        key: ModuleKey,
+        handle: str,
+        grad_out: np.ndarray,
+        step: Step | None = None,
+        out: np.ndarray | None = None,
     ) -> Gradients:
         """Gradients for a kept forward; the handle is spent only if backward succeeds.
+
+        `out`: where dx goes (grad_out's shape and dtype, may be grad_out itself).
 
         `step` is the one `self.step(key, Phase.BACKWARD)` opened (None: open one here).
         """
         if step is None:
             with self.step(key, Phase.BACKWARD) as own:
-                return self.backward(key, handle, grad_out, own)
+                return self.backward(key, handle, grad_out, own, out)
         module = self.registry.get(key)
         handles = self.handles(key.tenant)
         saved = handles.take(handle, module)
         try:
-            return module.backward(saved, grad_out, step)
+            return module.backward(saved, grad_out, step, out)
         except ServiceError:
             # A rejected backward (say, a malformed grad_output) must not cost the handle.
             handles.put_back(handle, saved)

@@ -13,6 +13,8 @@ Series:
   `Forward`) and status code; their latency in seconds.
 * `bnservice_bytes_total{direction}`: protobuf message bytes received
   (`in`) and sent (`out`), tensors included.
+* `bnservice_shared_memory_bytes_total`: tensor bytes that calls read from
+  (and wrote back to) same-host shared memory instead of messages.
 * `bnservice_modules{tenant}`, `bnservice_backward_handles`: modules held,
   backward contexts held (servers only).
 * `bnservice_sync_rounds_total{outcome}`, `bnservice_sync_round_seconds`:
@@ -90,13 +92,28 @@ class Metrics:
             buckets=CALL_BUCKETS,
             registry=r,
         )
+        self.shared_bytes = Counter(
+            "bnservice_shared_memory_bytes",
+            "Tensor bytes calls took from same-host shared memory instead of messages.",
+            registry=r,
+        )
         ProcessCollector(registry=r)
         self._http: WSGIServer | None = None
 
     # -- calls --------------------------------------------------------------
 
-    def call(self, method: str, code: str, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def call(
+        self,
+        method: str,
+        code: str,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        shared_bytes: int = 0,
+    ) -> None:
         """Record one answered call (`code`: a status code name such as "OK")."""
+        if shared_bytes:
+            self.shared_bytes.inc(shared_bytes)
         self.calls.labels(method, code).inc()
         self.call_seconds.labels(method).observe(seconds)
         if bytes_in:

@@ -99,7 +99,7 @@ MIN_CASES = 2000
 BN = "BatchNormService"
 COORD = "CoordinatorService"
 SERVICES = {name: pb.DESCRIPTOR.services_by_name[name] for name in (BN, COORD)}
-STREAMING = {"StreamForward", "StreamBackward"}
+STREAMING = {"StreamForward", "StreamBackward", "Session"}
 TARGETS = ("server", "coordinator")
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -619,6 +619,7 @@ UNARY_REQUESTS: dict[str, st.SearchStrategy[Message]] = {
     "ResetParameters": ref_requests(pb.ResetRequest),
     "Reduce": reduce_requests(),
     "Abort": abort_requests,
+    "Describe": st.just(pb.DescribeRequest()),
 }
 
 LIES = [
@@ -745,10 +746,10 @@ targets = st.sampled_from(TARGETS)
 def unary_cases(method: str) -> st.SearchStrategy[Case]:
     service = COORD if method in ("Reduce", "Abort") else BN
     where = targets if service == COORD else st.just("server")
-    if method == "ListModules":  # no fields: anything that parses, as unknown fields
+    if method in ("ListModules", "Describe"):  # no fields: anything that parses
         return st.builds(
             lambda m: Case("server", BN, method, [m.SerializeToString()]),
-            st.one_of(st.just(pb.ListModulesRequest()), ANY_MESSAGE),
+            st.one_of(st.just(request_class(BN, method)()), ANY_MESSAGE),
         )
     if method == "Backward":
         return st.builds(
@@ -772,7 +773,20 @@ def unary_cases(method: str) -> st.SearchStrategy[Case]:
     )
 
 
+def _session_message(request: Message) -> pb.SessionRequest:
+    message = pb.SessionRequest()
+    if isinstance(request, pb.ForwardRequest):
+        message.forward.CopyFrom(request)
+    elif isinstance(request, pb.BackwardRequest):
+        message.backward.CopyFrom(request)
+    return message
+
+
 STREAM_CASES: dict[str, st.SearchStrategy[Case]] = {
+    # One message a stream: each message of a Session is a call of its own (guarded alone).
+    "Session": st.one_of(
+        forward_requests(), backward_requests().map(lambda rs: rs[0]), st.just(pb.ForwardRequest())
+    ).map(lambda r: Case("server", BN, "Session", [_session_message(r).SerializeToString()])),
     "StreamForward": forward_streams().map(
         lambda ms: Case("server", BN, "StreamForward", serialize(ms))
     ),
@@ -889,6 +903,11 @@ def guard(method: str, messages: list[Message]) -> bool:
         spec = protected(ref)
         x = first.input if first.HasField("input") else None
         harmless = spec is None or forward_is_harmless(spec, x)
+    elif method == "Session" and first.HasField("forward"):
+        ref = first.forward.ref
+        spec = protected(ref)
+        x = first.forward.input if first.forward.HasField("input") else None
+        harmless = spec is None or forward_is_harmless(spec, x)
     elif method == "StreamForward" and first.HasField("header"):
         ref = first.header.ref
         spec = protected(ref)
@@ -898,6 +917,15 @@ def guard(method: str, messages: list[Message]) -> bool:
     if not harmless:
         redirect(ref)
     return not harmless
+
+
+def guarded_session(payload: bytes) -> bytes:
+    """A Session message pointed at a KEEP module's scratch twin if it could change it."""
+    try:
+        message = pb.SessionRequest.FromString(payload)
+    except DecodeError:
+        return payload
+    return message.SerializeToString() if guard("Session", [message]) else payload
 
 
 def parse(cls: type[Message], payloads: list[bytes]) -> list[Message] | None:
@@ -1112,6 +1140,10 @@ class Fuzzer:
         payloads = case.payloads
         # A call with a message that does not parse must fail as a whole, so it goes out
         # unguarded: whatever KEEP module it names must not change.
+        if case.method == "Session" and messages is None:
+            # Each message is a call of its own: those that parse run even if another
+            # does not, so each is guarded alone.
+            payloads = [guarded_session(p) for p in payloads]
         if messages is not None and case.target == "server" and case.service == BN:
             changed = self.inject_handle(case, messages)
             if guard(case.method, messages) or changed:
@@ -1155,7 +1187,15 @@ class Fuzzer:
                 message: Any = cls.FromString(payload)
             except DecodeError:
                 continue
-            ref = message.header.ref if case.method in STREAMING else getattr(message, "ref", None)
+            if case.method == "Session":
+                inner = message.forward if message.HasField("forward") else message.backward
+                ref = inner.ref
+            else:
+                ref = (
+                    message.header.ref
+                    if case.method in STREAMING
+                    else getattr(message, "ref", None)
+                )
             if ref is not None and ref.rank == 0 and ref.name in KEEP:
                 names.add(ref.name)
         return names
@@ -1187,7 +1227,9 @@ class Fuzzer:
         first: Any = messages[0] if messages else None
         if first is None:
             return False
-        if case.method in STREAMING:
+        if case.method == "Session":
+            first = first.forward if first.HasField("forward") else first.backward
+        elif case.method in STREAMING:
             if not first.HasField("header"):
                 return False
             first = first.header
@@ -1413,6 +1455,8 @@ EXAMPLES = {
     "ResetParameters": 120,
     "Reduce": 700,
     "Abort": 300,
+    "Describe": 100,
+    "Session": 400,
 }
 RAW_EXAMPLES = 1200
 #: World sizes of the rounds left to time out (each rank but 0 missing); 4096 is the

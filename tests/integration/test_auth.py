@@ -152,6 +152,7 @@ def _requests(ref: pb.ModuleRef | None) -> dict[str, Any]:
         "GetModule": pb.GetModuleRequest(ref=ref),
         "DeleteModule": pb.DeleteModuleRequest(ref=ref),
         "Forward": pb.ForwardRequest(ref=ref, input=x, request_id="r1"),
+        "Session": pb.SessionRequest(forward=pb.ForwardRequest(ref=ref, input=x, request_id="r2")),
         "Backward": pb.BackwardRequest(ref=ref, backward_handle="h", grad_output=x),
         "StreamForward": pb.ForwardChunk(
             header=pb.ForwardRequest(ref=ref, input=pb.Tensor(dtype="float32", shape=[0, C]))
@@ -172,6 +173,9 @@ def _requests(ref: pb.ModuleRef | None) -> dict[str, Any]:
     }
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 def call_rpc(
     channel: grpc.Channel,
     service: Any,
@@ -187,8 +191,10 @@ def call_rpc(
         request = getattr(pb, method.input_type.name)()
     try:
         if method.client_streaming:
-            for _ in stub(iter([request]), metadata=metadata, timeout=10):
-                pass
+            for reply in stub(iter([request]), metadata=metadata, timeout=10):
+                if isinstance(reply, pb.SessionReply) and reply.code:
+                    # A Session message's own status, as its unary call would end.
+                    return grpc.StatusCode[_CODE_NAMES[reply.code]], reply.message
         else:
             stub(request, metadata=metadata, timeout=10)
     except grpc.RpcError as err:
@@ -259,14 +265,16 @@ def test_every_rpc_needs_a_valid_token(
 @pytest.mark.parametrize(("service", "method"), ALL_RPCS, ids=RPC_IDS)
 def test_every_rpc_passes_auth_with_a_valid_token(server, service, method) -> None:
     """The control: with a tenant's token the same stubs reach the service (empty requests
-    are then INVALID_ARGUMENT or NOT_FOUND, ListModules OK; never UNAUTHENTICATED); the
-    coordinator service is for peers, so a tenant's token there is PERMISSION_DENIED."""
+    are then INVALID_ARGUMENT or NOT_FOUND, ListModules and Describe OK; never
+    UNAUTHENTICATED); the coordinator service is for peers, so a tenant's token there is
+    PERMISSION_DENIED."""
     with grpc.insecure_channel(server.address) as channel:
         code, details = call_rpc(channel, service, method, bearer(BOB))
     if service is COORD_SERVICE:
         assert code == grpc.StatusCode.PERMISSION_DENIED, (code, details)
         return
-    expected = grpc.StatusCode.OK if method.name == "ListModules" else None
+    ok = ("ListModules", "Describe")
+    expected = grpc.StatusCode.OK if method.name in ok else None
     reached = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
     assert code == expected or code in reached, (code, details)
 
@@ -317,7 +325,8 @@ def test_other_tenants_module_is_not_found(server, alices_module, alice, bob) ->
     leaves alice's module as it was."""
     name, state = alices_module
     ref = pb.ModuleRef(name=name)
-    skip = {"CreateModule", "Abort"}  # create makes bob's own module; Abort names no module
+    # Create makes bob's own module; Abort and Describe name no module.
+    skip = {"CreateModule", "Abort", "Describe"}
     with grpc.insecure_channel(server.address) as channel:
         for service, method in ALL_RPCS:
             if service is not BN_SERVICE or method.name in skip or method.name == "ListModules":

@@ -64,11 +64,14 @@ def observed(tmp_path: Path):
     proc.kill()
 
 
-def test_metrics_count_real_calls_by_logical_method(observed: ServerProcess) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["streamed", "shared-memory"])
+def test_metrics_count_real_calls_by_logical_method(observed: ServerProcess, shared: bool) -> None:
+    """Small calls go as Session messages; the large one streamed, or through shared
+    memory: each is counted as its logical method all the same."""
     rng = np.random.default_rng(0)
     small = rng.standard_normal((4, C, 2, 2)).astype(np.float32)
     large = rng.standard_normal((8, C, 128, 128)).astype(np.float32)  # 2 MiB: streamed
-    with Client(observed.address) as client:
+    with Client(observed.address, shared_memory=shared) as client:
         bn = client.batch_norm_2d("metrics.private-name", C)
         bn(small)
         bn(small)
@@ -88,8 +91,14 @@ def test_metrics_count_real_calls_by_logical_method(observed: ServerProcess) -> 
     assert value(samples, calls, method="DeleteModule", code="NOT_FOUND") == 1
     assert value(samples, calls, method="StreamForward", code="OK") == 0
     assert value(samples, "bnservice_call_seconds_count", method="Forward") == 5
-    assert value(samples, "bnservice_bytes_total", direction="in") > large.nbytes
-    assert value(samples, "bnservice_bytes_total", direction="out") > large.nbytes
+    message_bytes = [value(samples, "bnservice_bytes_total", direction=d) for d in ("in", "out")]
+    shared_bytes = value(samples, "bnservice_shared_memory_bytes_total")
+    if shared:
+        assert shared_bytes == large.nbytes
+        assert max(message_bytes) < large.nbytes
+    else:
+        assert shared_bytes == 0
+        assert min(message_bytes) > large.nbytes
     assert value(samples, "bnservice_modules", tenant="") == 2
     assert value(samples, "bnservice_backward_handles") == 0
     assert value(samples, "bnservice_sync_rounds_total", outcome="ok") == 1
@@ -103,9 +112,15 @@ def test_metrics_count_real_calls_by_logical_method(observed: ServerProcess) -> 
     records = access_lines(observed, 9)
     forwards = [r for r in records if r["method"] == "Forward"]
     assert len(forwards) == 5
-    streamed = [r for r in forwards if r["stream"]]
-    assert len(streamed) == 1 and streamed[0]["bytes_in"] >= large.nbytes
-    assert streamed[0]["module"] == "metrics.private-name" and streamed[0]["code"] == "OK"
+    # The small ones were messages of a Session stream, each with its own line.
+    assert sum(r["session"] for r in forwards) == 4
+    if shared:
+        (big,) = [r for r in forwards if r["shm"]]
+        assert big["shm"] == large.nbytes and big["bytes_in"] < 1000 and not big["stream"]
+    else:
+        (big,) = [r for r in forwards if r["stream"]]
+        assert big["bytes_in"] >= large.nbytes and big["shm"] == 0
+    assert big["module"] == "metrics.private-name" and big["code"] == "OK"
     (missing,) = [r for r in records if r["method"] == "DeleteModule"]
     assert (missing["module"], missing["code"]) == ("metrics.absent", "NOT_FOUND")
     assert all(r["ms"] >= 0 and r["tenant"] == "" for r in records)
@@ -170,7 +185,7 @@ def test_access_log_names_tenants_never_tokens(tmp_path: Path) -> None:
         while "UNAUTHENTICATED" not in proc.stderr and time.monotonic() < deadline:
             time.sleep(0.05)
         text = proc.stderr
-        assert "Forward tenant='acme' module='tenant.bn' OK" in text
+        assert "Forward session tenant='acme' module='tenant.bn' OK" in text
         assert "ListModules tenant=- module=- UNAUTHENTICATED" in text
         assert token not in text and "wrong" not in text
     finally:

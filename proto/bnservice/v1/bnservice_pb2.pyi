@@ -11,7 +11,8 @@ Encoding. Tensors travel as raw little-endian bytes in `Tensor.data`
 MegEngine's (1, C, 1, 1) shape.
 
 Errors are gRPC status codes with a message for humans; no reply message
-carries an error field. INVALID_ARGUMENT: bad shape, dtype, channel count,
+carries an error field, except a Session's (one status per message) and
+the shared-memory socket's ShmReply. INVALID_ARGUMENT: bad shape, dtype, channel count,
 config, a training batch with one value per channel, a non-finite batch,
 a malformed or missing tensor. NOT_FOUND: unknown module or backward
 handle. ALREADY_EXISTS: CreateModule with another config. RESOURCE_EXHAUSTED:
@@ -46,8 +47,8 @@ call: the server applies each id's training update at most once and
 answers a retry with the same output. Retry UNAVAILABLE only, with
 jittered backoff within the call's deadline, and only these calls:
 CreateModule, GetModule, ListModules, GetState, SetTraining, LoadState,
-ResetRunningStats, ResetParameters, Forward and StreamForward (same
-request_id). Never retry Backward (its handle is single use); a retried
+ResetRunningStats, ResetParameters, Describe, Forward and StreamForward
+(same request_id). Never retry Backward (its handle is single use); a retried
 DeleteModule answering NOT_FOUND may mean the first attempt deleted it.
 DEADLINE_EXCEEDED is final.
 
@@ -493,6 +494,7 @@ class ForwardRequest(_message.Message):
     BIAS_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     RETURN_RUNNING_STATS_FIELD_NUMBER: _builtins.int
+    INPUT_REGION_FIELD_NUMBER: _builtins.int
     keep_for_backward: _builtins.bool
     """Keep what backward needs and answer with a single-use backward handle."""
     request_id: _builtins.str
@@ -518,6 +520,14 @@ class ForwardRequest(_message.Message):
 
     @_builtins.property
     def bias(self) -> Global___Tensor: ...
+    @_builtins.property
+    def input_region(self) -> Global___SharedRegion:
+        """Same-host shared memory (see SharedRegion): the input's bytes are in this
+        region, `input` carries only its dtype and shape (no data), and the server
+        writes the output over the input in the same region (the reply's `output`
+        then has dtype and shape, no data). A retry must write the input again.
+        """
+
     def __init__(
         self,
         *,
@@ -529,10 +539,11 @@ class ForwardRequest(_message.Message):
         bias: Global___Tensor | None = ...,
         training: _builtins.bool | None = ...,
         return_running_stats: _builtins.bool = ...,
+        input_region: Global___SharedRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_training", b"_training", "bias", b"bias", "input", b"input", "ref", b"ref", "training", b"training", "weight", b"weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_training", b"_training", "bias", b"bias", "input", b"input", "input_region", b"input_region", "ref", b"ref", "training", b"training", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_training", b"_training", "bias", b"bias", "input", b"input", "keep_for_backward", b"keep_for_backward", "ref", b"ref", "request_id", b"request_id", "return_running_stats", b"return_running_stats", "training", b"training", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_training", b"_training", "bias", b"bias", "input", b"input", "input_region", b"input_region", "keep_for_backward", b"keep_for_backward", "ref", b"ref", "request_id", b"request_id", "return_running_stats", b"return_running_stats", "training", b"training", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__training: _TypeAlias = _typing.Literal["training"]  # noqa: Y015
     _WhichOneofArgType__training: _TypeAlias = _typing.Literal["_training", b"_training"]  # noqa: Y015
@@ -579,21 +590,29 @@ class BackwardRequest(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     BACKWARD_HANDLE_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUT_FIELD_NUMBER: _builtins.int
+    GRAD_OUTPUT_REGION_FIELD_NUMBER: _builtins.int
     backward_handle: _builtins.str
     @_builtins.property
     def ref(self) -> Global___ModuleRef: ...
     @_builtins.property
     def grad_output(self) -> Global___Tensor: ...
+    @_builtins.property
+    def grad_output_region(self) -> Global___SharedRegion:
+        """As ForwardRequest.input_region: grad_output's bytes are in the region and
+        grad_input is written over them (the reply's grad_input has no data).
+        """
+
     def __init__(
         self,
         *,
         ref: Global___ModuleRef | None = ...,
         backward_handle: _builtins.str = ...,
         grad_output: Global___Tensor | None = ...,
+        grad_output_region: Global___SharedRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grad_output", b"grad_output", "ref", b"ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grad_output", b"grad_output", "grad_output_region", b"grad_output_region", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward_handle", b"backward_handle", "grad_output", b"grad_output", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward_handle", b"backward_handle", "grad_output", b"grad_output", "grad_output_region", b"grad_output_region", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -842,6 +861,250 @@ class BackwardReplyChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BackwardReplyChunk: _TypeAlias = BackwardReplyChunk  # noqa: Y015
+
+@_typing.final
+class SharedRegion(_message.Message):
+    """---------------------------------------------------------------------------
+    Same-host shared memory. A client on the server's host can pass large
+    tensors through memory it shares with the server instead of copying them
+    through gRPC:
+
+    1. Describe tells the server's host identity (host_id: Linux's boot_id),
+       its pid, a random `instance` string and the path of its Unix socket
+       (shm_socket, empty when shared memory is off). Use shared memory only if
+       host_id is your own boot_id and the socket is reachable.
+    2. On the Unix socket (SOCK_STREAM) every message is a 4-byte little-endian
+       length followed by a ShmRequest; the server answers each with a ShmReply
+       framed the same way. First send an empty ShmRequest: the reply's
+       `instance` must equal Describe's, and the socket's peer (SO_PEERCRED)
+       should have Describe's pid (same pid namespace), or it is not the same
+       server: do not send it your token. Then send {token} (your bearer token,
+       empty without auth): code 0 or UNAUTHENTICATED (the server then closes).
+    3. Register a segment with {register: true} and exactly one file
+       descriptor in SCM_RIGHTS ancillary data: a memfd (memfd_create with
+       MFD_ALLOW_SEALING) sealed with F_SEAL_SHRINK, opened read-write, of at
+       most --max-request-bytes. The reply names it (`segment`, unguessable)
+       with its size. The server maps only descriptors it was given this way.
+       {release: SEGMENT} unmaps it. Closing the connection releases every
+       segment it registered: an unlinked memfd then dies with its last
+       descriptor, so nothing outlives a crashed client.
+    4. A Forward or Backward names a region of a segment registered by the
+       same tenant (input_region, grad_output_region); the tensor's dtype and
+       shape travel as usual without data. A region of an unknown segment (or
+       another tenant's), past the segment's size, or whose length is not the
+       tensor's byte size is INVALID_ARGUMENT and changes nothing; the size
+       limits apply as to any tensor. The reply is written into the region.
+
+    A byte range of a registered segment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    segment: _builtins.str
+    offset: _builtins.int
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        segment: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedRegion: _TypeAlias = SharedRegion  # noqa: Y015
+
+@_typing.final
+class ShmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REGISTER_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    register: _builtins.bool
+    release: _builtins.str
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        register: _builtins.bool = ...,
+        release: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["register", b"register", "release", b"release", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmRequest: _TypeAlias = ShmRequest  # noqa: Y015
+
+@_typing.final
+class ShmReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code, 0 for OK"""
+    message: _builtins.str
+    instance: _builtins.str
+    """answer to the first (empty) request"""
+    segment: _builtins.str
+    """answer to a registration"""
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        instance: _builtins.str = ...,
+        segment: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "instance", b"instance", "message", b"message", "segment", b"segment", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmReply: _TypeAlias = ShmReply  # noqa: Y015
+
+@_typing.final
+class DescribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeRequest: _TypeAlias = DescribeRequest  # noqa: Y015
+
+@_typing.final
+class ServerDescription(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    SHM_SOCKET_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    pid: _builtins.int
+    instance: _builtins.str
+    shm_socket: _builtins.str
+    idle_timeout: _builtins.float
+    """Seconds after which a call idle on I/O is cancelled (--idle-timeout; 0:
+    never): a Session stream idle between messages for that long ends
+    CANCELLED, so reopen it before.
+    """
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        instance: _builtins.str = ...,
+        shm_socket: _builtins.str = ...,
+        idle_timeout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "idle_timeout", b"idle_timeout", "instance", b"instance", "pid", b"pid", "shm_socket", b"shm_socket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerDescription: _TypeAlias = ServerDescription  # noqa: Y015
+
+@_typing.final
+class SessionRequest(_message.Message):
+    """---------------------------------------------------------------------------
+    Sessions: many small Forward and Backward calls on one stream, without the
+    cost of a call each. Each SessionRequest carries one call and gets exactly
+    one SessionReply, in order. A failed message does not end the stream: its
+    reply carries the status (code, message) the unary call would have ended
+    with, and changes nothing, as a failed call does. `timeout` is the
+    message's deadline in seconds from its arrival (0: the stream's own). The
+    stream is one call in progress for --max-calls-per-tenant, authenticated
+    once by its metadata. Cancelling the stream cancels the message in
+    progress; request ids and retries work as for Forward (retry a message
+    whose stream broke on a new stream, with the same request_id; never a
+    Backward). Tensors go inline (data) or in a SharedRegion.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORWARD_FIELD_NUMBER: _builtins.int
+    BACKWARD_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    timeout: _builtins.float
+    @_builtins.property
+    def forward(self) -> Global___ForwardRequest: ...
+    @_builtins.property
+    def backward(self) -> Global___BackwardRequest: ...
+    def __init__(
+        self,
+        *,
+        forward: Global___ForwardRequest | None = ...,
+        backward: Global___BackwardRequest | None = ...,
+        timeout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "call", b"call", "forward", b"forward"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "call", b"call", "forward", b"forward", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["forward", "backward"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORWARD_FIELD_NUMBER: _builtins.int
+    BACKWARD_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code of this message; 0 (OK) with a result"""
+    message: _builtins.str
+    @_builtins.property
+    def forward(self) -> Global___ForwardResponse: ...
+    @_builtins.property
+    def backward(self) -> Global___BackwardResponse: ...
+    def __init__(
+        self,
+        *,
+        forward: Global___ForwardResponse | None = ...,
+        backward: Global___BackwardResponse | None = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "forward", b"forward", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "code", b"code", "forward", b"forward", "message", b"message", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["forward", "backward"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___SessionReply: _TypeAlias = SessionReply  # noqa: Y015
 
 @_typing.final
 class Ticket(_message.Message):

@@ -99,6 +99,16 @@ class BatchNormServiceStub:
                 request_serializer=bnservice_dot_v1_dot_bnservice__pb2.ResetRequest.SerializeToString,
                 response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ModuleInfo.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/bnservice.v1.BatchNormService/Describe',
+                request_serializer=bnservice_dot_v1_dot_bnservice__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ServerDescription.FromString,
+                _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/bnservice.v1.BatchNormService/Session',
+                request_serializer=bnservice_dot_v1_dot_bnservice__pb2.SessionRequest.SerializeToString,
+                response_deserializer=bnservice_dot_v1_dot_bnservice__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class BatchNormServiceServicer:
@@ -185,6 +195,20 @@ class BatchNormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """The server's host identity and shared-memory socket (see above).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Small Forward and Backward calls, many per stream (see above).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchNormServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +276,16 @@ def add_BatchNormServiceServicer_to_server(servicer, server):
                     servicer.ResetParameters,
                     request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.ResetRequest.FromString,
                     response_serializer=bnservice_dot_v1_dot_bnservice__pb2.ModuleInfo.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.DescribeRequest.FromString,
+                    response_serializer=bnservice_dot_v1_dot_bnservice__pb2.ServerDescription.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=bnservice_dot_v1_dot_bnservice__pb2.SessionRequest.FromString,
+                    response_serializer=bnservice_dot_v1_dot_bnservice__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -605,6 +639,60 @@ class BatchNormService:
             '/bnservice.v1.BatchNormService/ResetParameters',
             bnservice_dot_v1_dot_bnservice__pb2.ResetRequest.SerializeToString,
             bnservice_dot_v1_dot_bnservice__pb2.ModuleInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bnservice.v1.BatchNormService/Describe',
+            bnservice_dot_v1_dot_bnservice__pb2.DescribeRequest.SerializeToString,
+            bnservice_dot_v1_dot_bnservice__pb2.ServerDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bnservice.v1.BatchNormService/Session',
+            bnservice_dot_v1_dot_bnservice__pb2.SessionRequest.SerializeToString,
+            bnservice_dot_v1_dot_bnservice__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

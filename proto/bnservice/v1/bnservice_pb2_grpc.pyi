@@ -11,7 +11,8 @@ Encoding. Tensors travel as raw little-endian bytes in `Tensor.data`
 MegEngine's (1, C, 1, 1) shape.
 
 Errors are gRPC status codes with a message for humans; no reply message
-carries an error field. INVALID_ARGUMENT: bad shape, dtype, channel count,
+carries an error field, except a Session's (one status per message) and
+the shared-memory socket's ShmReply. INVALID_ARGUMENT: bad shape, dtype, channel count,
 config, a training batch with one value per channel, a non-finite batch,
 a malformed or missing tensor. NOT_FOUND: unknown module or backward
 handle. ALREADY_EXISTS: CreateModule with another config. RESOURCE_EXHAUSTED:
@@ -46,8 +47,8 @@ call: the server applies each id's training update at most once and
 answers a retry with the same output. Retry UNAVAILABLE only, with
 jittered backoff within the call's deadline, and only these calls:
 CreateModule, GetModule, ListModules, GetState, SetTraining, LoadState,
-ResetRunningStats, ResetParameters, Forward and StreamForward (same
-request_id). Never retry Backward (its handle is single use); a retried
+ResetRunningStats, ResetParameters, Describe, Forward and StreamForward
+(same request_id). Never retry Backward (its handle is single use); a retried
 DeleteModule answering NOT_FOUND may mean the first attempt deleted it.
 DEADLINE_EXCEEDED is final.
 
@@ -100,6 +101,10 @@ class BatchNormServiceStub:
     LoadState: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.LoadStateRequest, _bnservice_pb2.ModuleInfo]
     ResetRunningStats: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.ResetRequest, _bnservice_pb2.ModuleInfo]
     ResetParameters: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.ResetRequest, _bnservice_pb2.ModuleInfo]
+    Describe: _grpc.UnaryUnaryMultiCallable[_bnservice_pb2.DescribeRequest, _bnservice_pb2.ServerDescription]
+    """The server's host identity and shared-memory socket (see above)."""
+    Session: _grpc.StreamStreamMultiCallable[_bnservice_pb2.SessionRequest, _bnservice_pb2.SessionReply]
+    """Small Forward and Backward calls, many per stream (see above)."""
 
 @_typing.type_check_only
 class BatchNormServiceAsyncStub(BatchNormServiceStub):
@@ -121,6 +126,10 @@ class BatchNormServiceAsyncStub(BatchNormServiceStub):
     LoadState: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.LoadStateRequest, _bnservice_pb2.ModuleInfo]  # type: ignore[assignment]
     ResetRunningStats: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.ResetRequest, _bnservice_pb2.ModuleInfo]  # type: ignore[assignment]
     ResetParameters: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.ResetRequest, _bnservice_pb2.ModuleInfo]  # type: ignore[assignment]
+    Describe: _aio.UnaryUnaryMultiCallable[_bnservice_pb2.DescribeRequest, _bnservice_pb2.ServerDescription]  # type: ignore[assignment]
+    """The server's host identity and shared-memory socket (see above)."""
+    Session: _aio.StreamStreamMultiCallable[_bnservice_pb2.SessionRequest, _bnservice_pb2.SessionReply]  # type: ignore[assignment]
+    """Small Forward and Backward calls, many per stream (see above)."""
 
 class BatchNormServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -217,6 +226,22 @@ class BatchNormServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bnservice_pb2.ResetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bnservice_pb2.ModuleInfo, _abc.Awaitable[_bnservice_pb2.ModuleInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _bnservice_pb2.DescribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bnservice_pb2.ServerDescription, _abc.Awaitable[_bnservice_pb2.ServerDescription]]:
+        """The server's host identity and shared-memory socket (see above)."""
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bnservice_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bnservice_pb2.SessionReply], _abc.AsyncIterator[_bnservice_pb2.SessionReply]]:
+        """Small Forward and Backward calls, many per stream (see above)."""
 
 def add_BatchNormServiceServicer_to_server(servicer: BatchNormServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -38,6 +38,7 @@ from bnserver.rpc.admission import Policy
 from bnserver.rpc.auth import Tokens, load_peer_tokens
 from bnserver.rpc.coordinator_client import RemoteCoordinator
 from bnserver.rpc.server import create_server
+from bnserver.rpc.shm import SharedMemory
 from bnserver.state.batchnorm import DEDUP_WINDOW
 from bnserver.state.persistence import (
     Durability,
@@ -152,6 +153,18 @@ def _policy(args: argparse.Namespace) -> Policy:
     return Policy(args.max_calls_per_tenant, args.max_anonymous_calls, args.idle_timeout)
 
 
+def _shared_memory(
+    args: argparse.Namespace, tokens: Tokens | None, limits: Limits
+) -> SharedMemory | None:
+    if args.shm_socket == "none":
+        return None
+    path = None if args.shm_socket == "auto" else Path(args.shm_socket)
+    try:
+        return SharedMemory(path, tokens, limits)
+    except OSError as exc:
+        raise StartupError(f"--shm-socket: cannot listen on {args.shm_socket} ({exc})") from None
+
+
 def _metrics(args: argparse.Namespace) -> Metrics | None:
     return None if args.metrics_port is None else Metrics()
 
@@ -223,6 +236,7 @@ def serve(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir, engine.registry)
     if metrics is not None:
         metrics.watch_engine(engine, tokens.tenants if tokens else [""])
+    shm = _shared_memory(args, tokens, engine.limits)
     server, port = _create_server(
         args,
         engine=engine,
@@ -234,6 +248,7 @@ def serve(args: argparse.Namespace) -> int:
         credentials=_server_credentials(args),
         metrics=metrics,
         policy=_policy(args),
+        shm=shm,
     )
     _serve_metrics(metrics, args.host, args.metrics_port)
     restored = state.load()
@@ -245,6 +260,8 @@ def serve(args: argparse.Namespace) -> int:
     where = f"coordinator {args.coordinator}" if args.coordinator else "embedded coordinator"
     log.info("restored %d module(s) from %s; %s", restored, args.state_dir, where)
     _run_until_signal(server, health_servicer, f"{args.host}:{port}", args.grace)
+    if shm is not None:
+        shm.close()
     saved = persister.close()
     lock.release()
     if metrics is not None:
@@ -453,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[d.value for d in Durability],
         default=Durability.SNAPSHOT.value,
         help="'always': every training forward is on disk before it is answered (default snapshot)",
+    )
+    s.add_argument(
+        "--shm-socket",
+        metavar="PATH",
+        default="auto",
+        help="Unix socket through which clients on this host hand over shared memory for "
+        "their tensors; 'auto' (default): a fresh directory only this user can enter; "
+        "'none': no shared memory",
     )
     defaults = Limits()
     for field in dataclasses.fields(Limits):

@@ -247,21 +247,34 @@ class _Shared(Iterator[Block]):
             return next(self._blocks)
 
 
-def _run(task: Callable[[Iterator[Block]], T], blocks: list[Block], parallel: bool) -> list[T]:
+def _run(
+    task: Callable[[Iterator[Block]], T],
+    blocks: list[Block],
+    parallel: bool,
+    ordered: bool = False,
+) -> list[T]:
     """Run `task` over `blocks`: on this thread, or on it and the pool together.
 
     The threads take blocks one at a time from a shared iterator, so one that
-    starts late (a pool thread must first wake up) just takes fewer. Returns one
-    result per thread. Waits for every thread, even when one fails.
+    starts late (a pool thread must first wake up) just takes fewer. With
+    `ordered` (reductions), thread k takes every n-th block from the k-th
+    instead, so that each thread's partial sums, and so the result, are the same
+    on every run: a forward and its retry give bit-identical outputs. Returns
+    one result per thread, in thread order. Waits for every thread, even when
+    one fails.
     """
-    shared = _Shared(blocks)
     helpers = min(THREADS, len(blocks)) - 1 if parallel else 0
     if helpers <= 0:
-        return [task(shared)]
+        return [task(_Shared(blocks))]
+    threads = helpers + 1
+    if ordered:
+        shares = [_Shared(blocks[k::threads]) for k in range(threads)]
+    else:
+        shares = [_Shared(blocks)] * threads
     pool = _executor()
-    futures: list[Future[T]] = [pool.submit(task, shared) for _ in range(helpers)]
+    futures: list[Future[T]] = [pool.submit(task, shares[k]) for k in range(helpers)]
     try:
-        mine = task(shared)
+        mine = task(shares[helpers])
     finally:
         wait_all(futures)
     return [f.result() for f in futures] + [mine]
@@ -400,7 +413,7 @@ def _sums(x3: np.ndarray, center: Vector | None) -> tuple[Vector, Vector]:
         parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
         c = None if center is None else center.reshape(-1, 1)
         extent = _block_extent(blocks[0], x3.shape)
-        parts = _run(_sums_task(x3, c, not parallel, extent), blocks, parallel)
+        parts = _run(_sums_task(x3, c, not parallel, extent), blocks, parallel, ordered=True)
         s1, s2 = parts[0]
         for p1, p2 in parts[1:]:
             s1 += p1
@@ -552,14 +565,26 @@ def _affine_task(
     return task
 
 
+def _output(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`out` checked to fit `x` (a C-contiguous array of its shape and dtype), or a new one."""
+    if out is None:
+        return np.empty(x.shape, dtype=x.dtype)
+    if out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {x.shape}")
+    return out
+
+
 def normalize(
     x: np.ndarray,
     mean: Vector,
     inv_std: Vector,
     weight: Vector | None,
     bias: Vector | None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """y = (x - mean) * inv_std * weight + bias, per channel; same shape and dtype as `x`.
+
+    `out`: where to write y (x's shape and dtype; may be x itself), else a new array.
 
     With scale = inv_std * weight and offset = bias - mean * scale (float64,
     then rounded to the work dtype), y is computed as x * scale + offset when
@@ -572,7 +597,7 @@ def normalize(
     """
     wd = work_dtype(x.dtype)
     x3 = _view3(x)
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _output(x, out)
     if out.size == 0:
         return out
     length = x3.shape[2]
@@ -663,7 +688,8 @@ def grad_sums(
     blocks = _split(x3.shape)
     parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
     extent = _block_extent(blocks[0], x3.shape)
-    parts = _run(_grad_sums_task(x3, dy3, mean_v, not parallel, extent), blocks, parallel)
+    task = _grad_sums_task(x3, dy3, mean_v, not parallel, extent)
+    parts = _run(task, blocks, parallel, ordered=True)
     s1, s2 = parts[0]
     for p1, p2 in parts[1:]:
         s1 += p1
@@ -710,13 +736,14 @@ def _grad_input_task(
                 else:
                     center, slope, offset = terms
                     tmp = scratch[(size if widen else 0) :][: xb.size].reshape(xb.shape)
+                    # dy first: the output may be dy's own memory (written in place).
+                    np.multiply(gb, gain[at], out=tmp)
                     if center is not None:
                         np.subtract(xb, center[at], out=target)
                         np.multiply(target, slope[at], out=target)
                     else:
                         np.multiply(xb, slope[at], out=target)
                     np.add(target, offset[at], out=target)
-                    np.multiply(gb, gain[at], out=tmp)
                     np.add(target, tmp, out=target)
                 if widen:
                     np.copyto(ob, target)
@@ -732,6 +759,7 @@ def grad_input(
     weight: Vector | None,
     batch_stats: tuple[int, Vector, Vector] | None,
     gate: Vector | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """dx for y = (x - mean) * inv_std * weight + bias; same shape and dtype as `x`.
 
@@ -748,11 +776,12 @@ def grad_input(
     times gain * max|dy| (|sum(dy*xhat)|/count <= max|dy| since mean(xhat^2) <= 1),
     so the rounding error stays a few work-dtype units of gain * max|dy|.
     Otherwise slope multiplies x - center, center = mean rounded to the work
-    dtype, which is exact near the mean (see _center).
+    dtype, which is exact near the mean (see _center). `out`: where to write dx
+    (x's shape and dtype; may be grad_out itself, not x), else a new array.
     """
     wd = work_dtype(x.dtype)
     x3, dy3 = _view3(x), _view3(grad_out)
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _output(x, out)
     if out.size == 0:
         return out
     length = x3.shape[2]

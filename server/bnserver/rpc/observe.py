@@ -13,7 +13,11 @@ without copying them, and ends each call with:
 
 Methods are named by their logical operation: `StreamForward` is logged and
 counted as `Forward` (with `stream=true` in the log), `StreamBackward` as
-`Backward`. The module a call concerns is known only once its request is
+`Backward`. A `Session` stream carries many forwards and backwards: each of
+its messages gets a line and a count of its own (`Forward` or `Backward`, with
+`session=true`, see `message_record`), and the stream one more when it ends.
+Tensor bytes that went through shared memory instead of messages are logged
+as `shm`. The module a call concerns is known only once its request is
 parsed, which `bnserver.rpc.registration` does: it reports the request with
 `note_request`, and the observer picks it up from the call in progress in
 this thread.
@@ -21,11 +25,12 @@ this thread.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -41,8 +46,9 @@ access_log = logging.getLogger("bnserver.access")
 #: Methods whose logical operation differs from the name on the wire.
 LOGICAL = {"StreamForward": "Forward", "StreamBackward": "Backward"}
 
-#: Other methods that stream by their declared shape (health's Watch, reflection).
-STREAMING_OTHERS = frozenset({"Watch", "ServerReflectionInfo"})
+#: Other methods that stream by their declared shape (health's Watch, reflection, and
+#: the Session stream, whose messages get records of their own).
+STREAMING_OTHERS = frozenset({"Watch", "ServerReflectionInfo", "Session"})
 
 #: Services logged at DEBUG: orchestrators probe health every few seconds.
 QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -65,6 +71,10 @@ class CallRecord:
     bytes_out: int = 0
     code: str = "OK"
     seconds: float = 0.0
+    session: bool = False
+    shm: int = 0  # tensor bytes in shared memory
+    #: Where the records of the messages of a Session stream go (set by the observer).
+    sink: Callable[[CallRecord], None] | None = field(default=None, repr=False)
 
     def fields(self) -> dict[str, Any]:
         """The access-log fields (also the JSON log's keys)."""
@@ -78,6 +88,8 @@ class CallRecord:
             "ms": round(self.seconds * 1000, 3),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "session": self.session,
+            "shm": self.shm,
         }
 
 
@@ -102,6 +114,33 @@ def note_request(request: Message) -> None:
         # A peer's call on behalf of a tenant's SyncBatchNorm rank.
         record.module, record.rank = ticket.module[:MAX_LOGGED_NAME], ticket.rank
         record.tenant = ticket.tenant
+
+
+def note_shared(nbytes: int) -> None:
+    """Tell the call (or session message) in progress in this thread that `nbytes` of
+    tensor travelled through shared memory."""
+    record = _current.get()
+    if record is not None:
+        record.shm += nbytes
+
+
+@contextlib.contextmanager
+def message_record(method: str, request: Message) -> Iterator[CallRecord]:
+    """A record of its own for one message of the Session stream in progress in this
+    thread: logged and counted as `method` when the block ends (the caller sets its
+    code and bytes). Outside an observed call the record goes nowhere."""
+    parent = _current.get()
+    tenant = parent.tenant if parent is not None else None
+    record = CallRecord(method, False, tenant, time.perf_counter(), session=True)
+    token = _current.set(record)
+    try:
+        note_request(request)
+        yield record
+    finally:
+        _current.reset(token)
+        record.seconds = time.perf_counter() - record.start
+        if parent is not None and parent.sink is not None:
+            parent.sink(record)
 
 
 def _final_code(context: grpc.ServicerContext, raised: bool) -> str:
@@ -156,7 +195,9 @@ class CallObserver(grpc.ServerInterceptor):  # type: ignore[type-arg]
         stream = name in LOGICAL or name in STREAMING_OTHERS
 
         def start() -> CallRecord:
-            return CallRecord(method, stream, tenant, time.perf_counter())
+            record = CallRecord(method, stream, tenant, time.perf_counter())
+            record.sink = lambda r: self._message(r, level)
+            return record
 
         return _observed(handler, start, lambda r, c, e: self._finish(r, c, e, level))
 
@@ -167,7 +208,26 @@ class CallObserver(grpc.ServerInterceptor):  # type: ignore[type-arg]
         record.code = _final_code(context, raised)
         if self.metrics is not None:
             self.metrics.call(
-                record.method, record.code, record.seconds, record.bytes_in, record.bytes_out
+                record.method,
+                record.code,
+                record.seconds,
+                record.bytes_in,
+                record.bytes_out,
+                record.shm,
+            )
+        if access_log.isEnabledFor(level):
+            access_log.log(level, _line(record), extra={"call": record.fields()})
+
+    def _message(self, record: CallRecord, level: int) -> None:
+        """Log and count one message of a Session stream (its record is complete)."""
+        if self.metrics is not None:
+            self.metrics.call(
+                record.method,
+                record.code,
+                record.seconds,
+                record.bytes_in,
+                record.bytes_out,
+                record.shm,
             )
         if access_log.isEnabledFor(level):
             access_log.log(level, _line(record), extra={"call": record.fields()})
@@ -178,10 +238,11 @@ def _line(record: CallRecord) -> str:
     module = "-" if record.module is None else repr(record.module)
     tenant = "-" if record.tenant is None else repr(record.tenant)
     rank = f" rank={record.rank}" if record.rank else ""
-    via = " stream" if record.stream else ""
+    via = " stream" if record.stream else " session" if record.session else ""
+    shm = f" shm={record.shm}" if record.shm else ""
     return (
         f"{record.method}{via} tenant={tenant} module={module}{rank} {record.code} "
-        f"{record.seconds * 1000:.1f}ms in={record.bytes_in} out={record.bytes_out}"
+        f"{record.seconds * 1000:.1f}ms in={record.bytes_in} out={record.bytes_out}{shm}"
     )
 
 

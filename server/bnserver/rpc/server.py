@@ -17,6 +17,7 @@ from bnserver.rpc.coordinator_service import CoordinatorServicer
 from bnserver.rpc.observe import CallObserver
 from bnserver.rpc.reflection import enable_reflection
 from bnserver.rpc.registration import add_servicer
+from bnserver.rpc.shm import SharedMemory
 from bnserver.sync.step import Reducer
 from bnservice import wire
 from bnservice.v1 import bnservice_pb2 as pb
@@ -37,6 +38,7 @@ def create_server(
     credentials: grpc.ServerCredentials | None = None,
     metrics: Metrics | None = None,
     policy: Policy | None = None,
+    shm: SharedMemory | None = None,
 ) -> tuple[grpc.Server, int]:
     """A not-yet-started server bound to `address`, and the port it bound (port 0: any).
 
@@ -49,7 +51,8 @@ def create_server(
     call waiting for sync peers, or idle on I/O until cancelled, holds a worker,
     so `max_workers` must exceed a tenant's share. Every call gets an
     access-log line (`bnserver.rpc.observe`) and, with `metrics`, is counted
-    there, as are the coordinator's rounds.
+    there, as are the coordinator's rounds. `shm`: the Unix socket and segments
+    of same-host shared memory (None: off; see `bnserver.rpc.shm`).
     Raises OSError when `address` cannot be bound.
     """
     if engine is None and coordinator is None:
@@ -61,10 +64,11 @@ def create_server(
         # chunk with its framing) reach the server's own check, which does.
         slack = wire.CHUNK_BYTES + (1 << 20)
         max_message = min(max_message, max(engine.limits.max_request_bytes, 0) + slack)
+    policy = policy or Policy()
     # The observer goes first, so that it also sees the calls the gate refuses.
     interceptors: list[grpc.ServerInterceptor] = [  # type: ignore[type-arg]
         CallObserver(metrics, tokens),
-        Gate(tokens, peer_tokens, Admission(policy or Policy())),
+        Gate(tokens, peer_tokens, Admission(policy)),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
@@ -78,7 +82,8 @@ def create_server(
     )
     services = []
     if engine is not None:
-        add_servicer(BatchNormServicer(engine, Authenticator(tokens)), "BatchNormService", server)
+        servicer = BatchNormServicer(engine, Authenticator(tokens), shm, policy.idle_timeout)
+        add_servicer(servicer, "BatchNormService", server)
         services.append(BATCH_NORM_SERVICE)
     if coordinator is not None:
         if metrics is not None:

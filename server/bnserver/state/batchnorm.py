@@ -252,8 +252,12 @@ class BatchNorm:
         step: Step | None = None,
         persist: Persist | None = None,
         params: CallParams | None = None,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
+
+        `out`: where the output goes (x's shape and dtype, may be x itself unless
+        backward is kept), else a new array.
 
         `params` (the caller's weight, bias and mode) are used instead of the
         module's and stored with the forward's result, only if it succeeds.
@@ -293,7 +297,7 @@ class BatchNorm:
             norm = running
         else:
             norm = self._batch_step(x, step, state, request_id, persist)
-        y = kernel.normalize(x, norm.mean, norm.inv_std, weight, bias)
+        y = kernel.normalize(x, norm.mean, norm.inv_std, weight, bias, out)
         self._store_params(params)
         saved = None
         if keep_for_backward:
@@ -436,8 +440,11 @@ class BatchNorm:
         saved: SavedForBackward,
         grad_out: np.ndarray,
         step: Step | None = None,
+        out: np.ndarray | None = None,
     ) -> Gradients:
         """Gradients of the forward that produced `saved`, for upstream gradient `grad_out`.
+
+        `out`: where dx goes (grad_out's shape and dtype, may be grad_out itself).
 
         With batch statistics the sums (sum(dy), sum(dy * xhat)) go through
         `step.reduce`; dweight and dbias stay local, as in MegEngine.
@@ -452,7 +459,7 @@ class BatchNorm:
             total = step.reduce(Contribution(0, (sum_dy, sum_dy_xhat)))
             batch_terms = (saved.count, total.vectors[0], total.vectors[1])
         dx = kernel.grad_input(
-            x, grad_out, saved.mean, saved.inv_std, saved.weight, batch_terms, saved.gate
+            x, grad_out, saved.mean, saved.inv_std, saved.weight, batch_terms, saved.gate, out
         )
         if not self.config.affine or self.config.freeze:
             return Gradients(dx, None, None)
