@@ -441,6 +441,24 @@ def _center_guess(x3: np.ndarray) -> Vector | None:
     return np.asarray(mid)
 
 
+#: Inputs with at most this many elements take the small-tensor paths: a few whole-array
+#: float64 operations instead of the blocked passes, whose per-call set-up (views,
+#: scratch, buffer sizes) costs more than the arithmetic on a tiny array.
+SMALL_ELEMENTS = 1 << 12
+
+
+def _small_moments(x3: np.ndarray, count: int) -> Moments:
+    """`moments` of a small (N, C, L) array: two passes in float64, exact like the
+    centered pass (d = x - mean in float64, M2 = sum(d^2) - sum(d)^2 / n)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        x64 = x3.astype(np.float64)
+        mean = x64.sum(axis=(0, 2)) / count
+        d = x64 - mean[:, None]
+        s1 = d.sum(axis=(0, 2))
+        m2 = np.einsum("ncl,ncl->c", d, d) - s1 * s1 / count
+    return Moments(count, mean, np.maximum(m2, 0.0))
+
+
 def moments(x: np.ndarray) -> Moments:
     """Per-channel count, mean and M2 of `x` (N, C, *spatial), accumulated in float64.
 
@@ -460,6 +478,8 @@ def moments(x: np.ndarray) -> Moments:
     if count == 0:
         zeros = np.zeros(channels)
         return Moments(0, zeros, zeros.copy())
+    if x3.size <= SMALL_ELEMENTS:
+        return _small_moments(x3, count)
     # Non-finite input yields non-finite moments, which callers check; no warnings.
     with np.errstate(invalid="ignore", over="ignore"):
         center = _center_guess(x3) if x3.size > BLOCK_ELEMENTS else None
@@ -602,6 +622,14 @@ def normalize(
         return out
     length = x3.shape[2]
     scale = inv_std if weight is None else inv_std * weight
+    if x3.size <= SMALL_ELEMENTS:
+        # Small input: (x - mean) * scale + bias in float64, one rounding on the way out.
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = (x3.astype(np.float64) - mean[:, None]) * scale[:, None]
+            if bias is not None:
+                y += bias[:, None]
+            np.copyto(out.reshape(x3.shape), y, casting="unsafe")
+        return out
     with np.errstate(invalid="ignore", over="ignore"):
         offset = -mean * scale if bias is None else bias - mean * scale
         center = None
