@@ -142,6 +142,21 @@ class SyncStep(Step):
 
     def reduce(self, part: Contribution) -> Outcome:
         """Give this rank's part (once) and wait for the round's Outcome."""
+        self._give()
+        return self.reducer.contribute(self.ticket, part)
+
+    def submit(self, part: Contribution, done: Done) -> None:
+        """Give this rank's part (once) without waiting; `done` hears how the round ended.
+        Needs a reducer that can (`Coordinator.submit`)."""
+        submit = getattr(self.reducer, "submit", None)
+        if submit is None:
+            raise TypeError(f"{type(self.reducer).__name__} cannot take a part without waiting")
+        self._give()
+        submit(self.ticket, part, done)
+
+    def _give(self) -> None:
+        """Mark the part given, unless this step already gave it, aborted, or its caller
+        already gave up (then the round is aborted by the exit instead)."""
         if self._given or self._aborted:
             raise RuntimeError(f"{self.ticket}: a step reduces at most once")
         if self.call is not None and self.call.expired():
@@ -150,18 +165,6 @@ class SyncStep(Step):
                 f"part was given; the round is aborted for every rank"
             )
         self._given = True
-        return self.reducer.contribute(self.ticket, part)
-
-    def submit(self, part: Contribution, done: Done) -> None:
-        """Give this rank's part (once) without waiting; `done` hears how the round ended.
-        Needs a reducer that can (`Coordinator.submit`)."""
-        if self._given or self._aborted:
-            raise RuntimeError(f"{self.ticket}: a step reduces at most once")
-        submit = getattr(self.reducer, "submit", None)
-        if submit is None:
-            raise TypeError(f"{type(self.reducer).__name__} cannot take a part without waiting")
-        self._given = True
-        submit(self.ticket, part, done)
 
     def abort(self, reason: str) -> None:
         """Fail the round this step would join, for every rank (once; never after reducing)."""
