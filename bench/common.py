@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+_logs = itertools.count()
+
+
+def server_log(name: str) -> Path:
+    """A file for a benchmarked server's log (its access log included): written by the
+    server, read by no thread of the benchmark, so that logging costs only the server,
+    as it does in production."""
+    return Path(tempfile.gettempdir()) / f"bnservice-bench-{os.getpid()}-{next(_logs)}-{name}.log"
 
 
 def median_seconds(fn: Callable[[], object], *, repeat: int = 15, warmup: int = 3) -> float:

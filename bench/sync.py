@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench import gloo
-from bench.common import median_seconds, table
+from bench.common import median_seconds, server_log, table
 from bnclient import Client
 from bnserver.cli.processes import ServerProcess, start_coordinator, start_server
 
@@ -72,15 +72,22 @@ def rows(cluster: bool) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         procs: list[ServerProcess] = []
         if cluster:
-            coordinator = stack.enter_context(start_coordinator())
+            coordinator = stack.enter_context(
+                start_coordinator(stderr_path=server_log("coordinator"))
+            )
             for i in range(4):
                 procs.append(
                     stack.enter_context(
-                        start_server(Path(tmp) / str(i), "--coordinator", coordinator.address)
+                        start_server(
+                            Path(tmp) / str(i),
+                            "--coordinator",
+                            coordinator.address,
+                            stderr_path=server_log(f"server-{i}"),
+                        )
                     )
                 )
         else:
-            procs.append(stack.enter_context(start_server(tmp)))
+            procs.append(stack.enter_context(start_server(tmp, stderr_path=server_log("server"))))
         addresses = [p.address for p in procs]
         with Client(addresses[0]) as client:
             single_bn = client.batch_norm_2d("bench.single", SHAPE[1])

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from bench.common import table
+from bench.common import server_log, table
 from bnclient import Client
 from bnserver.cli.processes import start_server
 
@@ -60,7 +60,7 @@ def rows() -> list[list[str]]:
     out = []
     with (
         tempfile.TemporaryDirectory() as tmp,
-        start_server(tmp) as server,
+        start_server(tmp, stderr_path=server_log("server")) as server,
         Client(server.address) as client,
     ):
         local, remote = example.pair(client, "bench.torch_step")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import median_seconds, table
+from bench.common import median_seconds, server_log, table
 from bench.echo import EchoClient
 from bnclient import Client
 from bnserver.cli.processes import ServerProcess, start_server
@@ -143,7 +143,7 @@ def memory_row(state_dir: str) -> list[str]:
     shape = ROUND_TRIPS["1 GiB"]
     x = _data(shape)
     with (
-        start_server(Path(state_dir) / "mem") as proc,
+        start_server(Path(state_dir) / "mem", stderr_path=server_log("mem")) as proc,
         Client(proc.address, shared_memory=False) as client,
     ):
         bn = client.batch_norm_2d("bench.mem", shape[1])
@@ -199,7 +199,10 @@ def private_memory_row(state_dir: str) -> list[str]:
     every millisecond)."""
     shape = ROUND_TRIPS["1 GiB"]
     x = _data(shape)
-    with start_server(Path(state_dir) / "anon") as proc, Client(proc.address) as client:
+    with (
+        start_server(Path(state_dir) / "anon", stderr_path=server_log("anon")) as proc,
+        Client(proc.address) as client,
+    ):
         bn = client.batch_norm_2d("bench.anon", shape[1])
         bn(np.ones((2, shape[1], 2, 2), np.float32))
         pid = proc.proc.pid
@@ -253,7 +256,7 @@ def rows(skip_huge: bool = False) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         with echo_server() as echo:
             server: ServerProcess
-            with start_server(Path(tmp) / "main") as server:
+            with start_server(Path(tmp) / "main", stderr_path=server_log("main")) as server:
                 # As from another host: streamed, never shared memory.
                 with Client(server.address, shared_memory=False) as streamed:
                     out = round_trip_row_with(streamed, echo, names)

@@ -5,6 +5,7 @@ Used by `bnserver up`, the integration tests and the benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,20 +33,28 @@ class ServerProcess:
         startup_timeout: float = 30.0,
         capture_stderr: bool = True,
         root_certificates: bytes | None = None,
+        stderr_path: Path | None = None,
     ) -> None:
         """Start `bnserver *args`; capture_stderr keeps its log in .stderr, else it is inherited.
+
+        stderr_path: write the log to this file instead (no thread of this process reads
+        it: what benchmarks want, so that the access log costs only the server).
 
         root_certificates: PEM of the CA of a TLS server's certificate (health is then
         checked over TLS); None checks it over an insecure channel.
         """
         self.args = [sys.executable, "-m", "bnserver.cli", *args]
-        self.proc = subprocess.Popen(
-            self.args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE if capture_stderr else None,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        if stderr_path is not None:
+            capture_stderr = False
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(open(stderr_path, "ab")) if stderr_path else None
+            self.proc = subprocess.Popen(
+                self.args,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if capture_stderr else log,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         self.stderr_lines: list[str] = []
         #: stdout up to the "listening on" line (the metrics line comes before it).
         self.stdout_lines: list[str] = []
@@ -131,15 +140,23 @@ def wait_serving(
 
 
 def start_server(
-    state_dir: Path | str, *extra: str, root_certificates: bytes | None = None
+    state_dir: Path | str,
+    *extra: str,
+    root_certificates: bytes | None = None,
+    stderr_path: Path | None = None,
 ) -> ServerProcess:
     return ServerProcess(
         ["serve", "--port", "0", "--state-dir", str(state_dir), *extra],
         root_certificates=root_certificates,
+        stderr_path=stderr_path,
     )
 
 
-def start_coordinator(*extra: str, root_certificates: bytes | None = None) -> ServerProcess:
+def start_coordinator(
+    *extra: str, root_certificates: bytes | None = None, stderr_path: Path | None = None
+) -> ServerProcess:
     return ServerProcess(
-        ["coordinator", "--port", "0", *extra], root_certificates=root_certificates
+        ["coordinator", "--port", "0", *extra],
+        root_certificates=root_certificates,
+        stderr_path=stderr_path,
     )
