@@ -310,3 +310,24 @@ def rss(proc: ServerProcess) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_health_checks_answer_while_hundreds_of_checks_stall(
+    tmp_path: Path, procs: list[ServerProcess]
+) -> None:
+    """300 health checks that never send their request (they need no token): each is
+    answered at once, and a real probe still gets SERVING."""
+    procs.append(start_server(tmp_path / "s", "--auth-file", str(auth_file(tmp_path))))
+    address = procs[0].address
+    channel = grpc.insecure_channel(address)
+    stalled = Stalled(channel)
+    try:
+        stalled.open_unary("/grpc.health.v1.Health/Check", 300)
+        assert health_ok(address)
+        with Client(address, token=ALICE, timeout=DEADLINE) as alice:
+            legit_latencies(alice, "alice.bn", n=5)
+        codes = stalled.codes()
+        assert codes.count(grpc.StatusCode.OK) == len(codes), set(codes)
+    finally:
+        stalled.close()
+        channel.close()

@@ -30,6 +30,9 @@ from bnserver.rpc.admission import ANONYMOUS, PEERS, Admission, guarded
 #: Methods that need no token: load balancers and orchestrators probe health.
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
+#: Answered without reading its request (see `_health_without_reading`).
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
 #: Methods for peers (servers), not tenants.
 PEER_PREFIXES = ("/bnservice.v1.CoordinatorService/",)
 
@@ -137,10 +140,12 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[type-arg]
         tokens: Tokens | None,
         peer_tokens: Sequence[str] | None = None,
         admission: Admission | None = None,
+        health: Callable[[], Any] | None = None,
     ) -> None:
         self.tokens = tokens
         self.peer_tokens = list(peer_tokens) if peer_tokens else None
         self.admission = admission if admission is not None else Admission()
+        self.health = health
 
     def _refusal(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         """Why a call to `method` with `token` is refused, or None to let it through."""
@@ -186,7 +191,25 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[type-arg]
         refusal = self._refusal(method, token)
         if refusal is not None:
             return _deny_like(handler, *refusal)
+        if method == HEALTH_CHECK and self.health is not None:
+            return _health_without_reading(handler, self.health)
         return guarded(handler, self.admission, method, self._bucket(method, token))
+
+
+def _health_without_reading(
+    handler: grpc.RpcMethodHandler[Any, Any], health: Callable[[], Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """Health checks answered at once with the server's overall status, without waiting
+    for the request (which only names a service, and every service here shares the
+    process's status): a flood of checks that never send their request holds no worker,
+    and probes always get an answer."""
+
+    def check(requests: Any, context: grpc.ServicerContext) -> Any:
+        return health()
+
+    return grpc.stream_unary_rpc_method_handler(
+        check, response_serializer=handler.response_serializer
+    )
 
 
 def _deny_like(

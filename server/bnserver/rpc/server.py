@@ -65,10 +65,20 @@ def create_server(
         slack = wire.CHUNK_BYTES + (1 << 20)
         max_message = min(max_message, max(engine.limits.max_request_bytes, 0) + slack)
     policy = policy or Policy()
+    health_servicer = health_servicer or health.HealthServicer()
+
+    def overall_health() -> health_pb2.HealthCheckResponse:
+        # Service "" is always set, so Check never needs a context to report NOT_FOUND.
+        reply: health_pb2.HealthCheckResponse = health_servicer.Check(
+            health_pb2.HealthCheckRequest(service=""),
+            None,  # type: ignore[arg-type]
+        )
+        return reply
+
     # The observer goes first, so that it also sees the calls the gate refuses.
     interceptors: list[grpc.ServerInterceptor] = [  # type: ignore[type-arg]
         CallObserver(metrics, tokens),
-        Gate(tokens, peer_tokens, Admission(policy)),
+        Gate(tokens, peer_tokens, Admission(policy), overall_health),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="bnserver"),
@@ -90,7 +100,6 @@ def create_server(
             coordinator = metrics.observe_reducer(coordinator)
         add_servicer(CoordinatorServicer(coordinator), "CoordinatorService", server)
         services.append(COORDINATOR_SERVICE)
-    health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
