@@ -350,7 +350,7 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
         "--max-anonymous-calls",
         type=int,
         default=32,
-        help="health checks in progress at once (default 32)",
+        help="calls needing no token (health watches) in progress at once (default 32)",
     )
     p.add_argument(
         "--idle-timeout",
