@@ -123,12 +123,20 @@ class Link:
 
     @contextlib.contextmanager
     def segment(self, nbytes: int) -> Iterator[Segment]:
-        """A registered segment of at least `nbytes`, this thread's alone in the block."""
+        """A registered segment of at least `nbytes`, this thread's alone in the block.
+
+        A block that fails (a timeout, a cancellation) releases the segment instead of
+        reusing it: the server's call may still be running and write into it (a
+        SyncBatchNorm round applies whether or not its caller still waits). The server
+        keeps a released segment mapped until its last call with it ends."""
         segment = self._take(nbytes)
         try:
             yield segment
-        finally:
-            self._give(segment)
+        except BaseException:
+            with self._lock:
+                self._release(segment)
+            raise
+        self._give(segment)
 
     def _take(self, nbytes: int) -> Segment:
         with self._lock:

@@ -285,20 +285,19 @@ class Engine:
         if keep_for_backward:
             handles.check_fits(SavedForBackward.size_for(x))
         persist = self._persist(key, module) if self.persistence.always else None
-        updates, training = module.updates, module.training
-        y, saved = module.forward(x, keep_for_backward, request_id, step, persist, params, out)
-        stored = params is not None and params.weight is not None
-        if (params is not None and params.training not in (None, training)) or (
-            stored and persist is not None
-        ):
-            # A new mode (or, with durability=always, new parameters) is written
-            # before the reply; if it cannot be, the snapshot thread keeps trying.
-            try:
-                self.persistence.write(key, module.record(), module)
-            except ServiceError:
-                self.persistence.trained(key, module)
-                raise
-        elif (module.updates != updates and persist is None) or stored:
+        updates = module.updates
+        y, saved = module.forward(
+            x,
+            keep_for_backward,
+            request_id,
+            step,
+            persist,
+            params,
+            out,
+            persist_mode=self._persist(key, module),
+        )
+        weights = params is not None and params.weight is not None
+        if persist is None and (module.updates != updates or weights):
             self.persistence.trained(key, module)
         handle = handles.put(saved) if saved is not None else ""
         return y, handle

@@ -118,9 +118,9 @@ def test_a_killed_client_leaves_no_segment_behind(fresh_server: ServerProcess, n
 
 
 def test_a_cancelled_call_leaves_no_segment_behind(tmp_path: Path) -> None:
-    """A forward that times out waiting for a SyncBatchNorm peer: its segment goes back
-    to the client's pool, and closing the client releases everything on both sides (the
-    server's call keeps its segment mapped until its round gives up)."""
+    """A forward that times out waiting for a SyncBatchNorm peer: the client does not
+    reuse its segment (the server's call still runs and may write into it) but releases
+    it, and the server unmaps it once its round gives up, while the client is still open."""
     x = _x()
     proc = start_server(tmp_path / "state", "--sync-timeout", "1")
     try:
@@ -128,8 +128,7 @@ def test_a_cancelled_call_leaves_no_segment_behind(tmp_path: Path) -> None:
             bn = client.sync_batch_norm("lonely", C, group="g", rank=0, world_size=2)
             with pytest.raises(DeadlineExceededError):
                 bn(x)
-            assert _memfds(proc.proc.pid)[1]  # still registered: the client's pool
-        _wait_released(proc.proc.pid)
+            _wait_released(proc.proc.pid)
     finally:
         proc.kill()
     own = [p for p in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines() if "bnclient" in p]

@@ -202,5 +202,7 @@ def test_a_mode_brought_by_a_forward_is_durable_and_parameters_are_snapshotted()
     engine.forward(key, x, params=CallParams(training=False))  # a mode change
     engine.forward(key, x, params=CallParams(training=False))  # the same mode: nothing
     engine.forward(key, x, params=CallParams(np.ones(C), np.zeros(C), False))  # parameters
-    engine.forward(key, x, params=CallParams(training=True))  # a mode change that trains
-    assert calls == ["changed", "trained", "changed"]
+    # A mode change that trains: the mode is written (with the update) before the reply,
+    # and the update is also marked for the next snapshot.
+    engine.forward(key, x, params=CallParams(training=True))
+    assert calls == ["changed", "trained", "changed", "trained"]

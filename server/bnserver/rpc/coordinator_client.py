@@ -105,6 +105,7 @@ class _RoundStream:
             with self._lock:
                 self.broken = broken
                 pending, self._pending = self._pending, {}
+            self._outbox.put(None)  # ends gRPC's thread that reads our parts
             for future in pending.values():
                 future.set_exception(broken)
 
@@ -151,6 +152,8 @@ class RemoteCoordinator:
         """The open Rounds stream, or a new one if there is none or it broke."""
         with self._lock:
             if self._stream is None or self._stream.broken is not None:
+                if self._stream is not None:
+                    self._stream.close()
                 self._stream = _RoundStream(self._stub, self._metadata)
             return self._stream
 

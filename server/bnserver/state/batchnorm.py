@@ -253,6 +253,7 @@ class BatchNorm:
         persist: Persist | None = None,
         params: CallParams | None = None,
         out: np.ndarray | None = None,
+        persist_mode: Persist | None = None,
     ) -> tuple[np.ndarray, SavedForBackward | None]:
         """Normalize `x` (N, C, *spatial); update running stats when training.
 
@@ -260,7 +261,9 @@ class BatchNorm:
         backward is kept), else a new array.
 
         `params` (the caller's weight, bias and mode) are used instead of the
-        module's and stored with the forward's result, only if it succeeds.
+        module's and stored with the forward's result, only if it succeeds: a new
+        mode is written with `persist_mode` before it is published, new weights
+        with `persist` (given for durable training updates), else in memory.
 
         Returns the output (same shape and dtype) and, when asked, what
         backward needs. Batch statistics go through `step.reduce` (a
@@ -298,7 +301,7 @@ class BatchNorm:
         else:
             norm = self._batch_step(x, step, state, request_id, persist)
         y = kernel.normalize(x, norm.mean, norm.inv_std, weight, bias, out)
-        self._store_params(params)
+        self._store_params(params, persist_mode, persist)
         saved = None
         if keep_for_backward:
             saved = SavedForBackward(
@@ -351,18 +354,35 @@ class BatchNorm:
                 self._publish_update(running, request_id if remember else "", entry)
         return norm
 
-    def _store_params(self, params: CallParams) -> None:
-        """Keep a successful forward's own weight, bias and mode (in memory; the engine
-        makes them durable)."""
+    def _store_params(
+        self, params: CallParams, persist_mode: Persist | None, persist: Persist | None
+    ) -> None:
+        """Keep a successful forward's own weight, bias and mode: staged, written (a new
+        mode when `persist_mode` is given, weights when `persist` is), then published;
+        without a write they are published in memory."""
         if params.weight is None and params.training is None:
             return
-        with self.commit_lock, self.lock:
+        with self.commit_lock:
+            with self.lock:
+                new_mode = params.training is not None and params.training != self.training
+                write = persist_mode if new_mode else persist
+                if write is None:
+                    if params.weight is not None and params.bias is not None:
+                        self.weight = params.weight.astype(np.float32)
+                        self.bias = params.bias.astype(np.float32)
+                    if params.training is not None:
+                        self.training = params.training
+                    self.revision += 1
+                    return
+                staged = self._record()
+            staged = replace(staged, revision=staged.revision + 1)
             if params.weight is not None and params.bias is not None:
-                self.weight = params.weight.astype(np.float32)
-                self.bias = params.bias.astype(np.float32)
+                weight, bias = params.weight.astype(np.float32), params.bias.astype(np.float32)
+                staged = replace(staged, weight=weight, bias=bias)
             if params.training is not None:
-                self.training = params.training
-            self.revision += 1
+                staged = replace(staged, training=params.training)
+            write(staged)
+            self.publish(staged)
 
     def running_stats(self) -> dict[str, np.ndarray]:
         """running_mean and running_var, float32 (1, C, 1, 1), and num_batches_tracked

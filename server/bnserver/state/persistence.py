@@ -223,6 +223,8 @@ class StateDir:
         self.root.mkdir(parents=True, exist_ok=True)
         self.registry = registry
         self.key_lock = KeyLocks()
+        #: Records recovered from the journal at start-up that could not be filed.
+        self.recovered: dict[ModuleKey, bytes] = {}
 
     def write(self, key: ModuleKey, record: Record, module: BatchNorm | None = None) -> None:
         """Write `record` as the file of `key` (OSError if the write fails). With `module`,
@@ -270,6 +272,7 @@ class StateDir:
         """Restore every readable module, newest of file and journal; set unreadable files
         aside. Return the count."""
         loaded: dict[str, tuple[ModuleKey, Record]] = {}
+        self._from_journal: set[str] = set()
         for path in sorted(self.root.glob("module-*.npz")):
             try:
                 loaded[path.name] = decode_record(path)
@@ -289,9 +292,25 @@ class StateDir:
             _, older = loaded[name]
             if newer.uid == older.uid and newer.revision > older.revision:
                 loaded[name] = (key, newer)
+                self._from_journal.add(name)
         for key, record in loaded.values():
             self.registry.restore(key, record)
+        self._file_journal_winners([loaded[name] for name in sorted(self._from_journal)])
         return len(loaded)
+
+    def _file_journal_winners(self, recovered: list[tuple[ModuleKey, Record]]) -> None:
+        """Write the module files of state recovered from the journal, then drop it, so
+        the journal never holds the only copy of what a restart brought back. What
+        cannot be written stays journaled (`recovered`: the persister keeps it)."""
+        for key, record in recovered:
+            try:
+                self.write(key, record)
+            except OSError as exc:
+                log.error("could not file %s recovered from the journal (%s)", key, exc)
+                self.recovered[key] = encode_record(key, record)
+        if not self.recovered:
+            with contextlib.suppress(OSError):
+                self.drop_journal()
 
     def _journal_entries(self) -> list[tuple[str, bytes]]:
         path = self.root / JOURNAL
@@ -335,8 +354,11 @@ class Persister:
         self.write_failures = 0
         self._dirty: dict[ModuleKey, BatchNorm] = {}
         self._dirty_since: float | None = None  # monotonic time of the oldest unwritten change
-        self._journal: dict[ModuleKey, tuple[str, bytes]] = {}  # key -> (uid, record bytes)
-        self._unfiled: set[ModuleKey] = set()  # journaled, file not rewritten since
+        # key -> (uid, record bytes); seeded with what start-up recovered but could not file
+        self._journal: dict[ModuleKey, tuple[str, bytes]] = {
+            key: ("", payload) for key, payload in state.recovered.items()
+        }
+        self._unfiled: set[ModuleKey] = set(state.recovered)  # journaled, not filed since
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bnserver-snapshot", daemon=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from bnserver.core.kernel import Moments
 from bnserver.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from bnserver.sync.ticket import Contribution, Outcome, Phase, RoundKey, RunningState, Ticket
+
+log = logging.getLogger(__name__)
 
 #: Longest abort reason kept, in characters.
 MAX_REASON = 1000
@@ -347,7 +350,10 @@ class Coordinator:
             pending, self._notify = self._notify, []
         for waiting, outcome, error in pending:
             for done in waiting:
-                done(outcome, error)
+                try:
+                    done(outcome, error)
+                except Exception:  # one caller's failure must not silence the others
+                    log.exception("a round's callback failed")
 
     def _sweep(self, force: bool = False) -> None:
         """Drop tombstones whose time is up (caller holds the lock); at most once a second
