@@ -223,16 +223,9 @@ class Client:
         momentum follows MegEngine (0.9 is PyTorch's 0.1); None makes the running
         statistics the cumulative average of every training batch (PyTorch's None).
         """
-        config = _config(
-            pb.MODULE_KIND_BATCH_NORM_1D,
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            freeze,
-        )
-        return BatchNorm1d(self, _info_from_pb(self._create(name, 0, config)))
+        kind = pb.MODULE_KIND_BATCH_NORM_1D
+        args = (num_features, eps, momentum, affine, track_running_stats, freeze)
+        return BatchNorm1d(self, self._plain(name, kind, *args))
 
     def batch_norm_2d(
         self,
@@ -245,16 +238,9 @@ class Client:
         freeze: bool = False,
     ) -> BatchNorm2d:
         """Get or create the BatchNorm2d `name` ((N, C, H, W) input)."""
-        config = _config(
-            pb.MODULE_KIND_BATCH_NORM_2D,
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            freeze,
-        )
-        return BatchNorm2d(self, _info_from_pb(self._create(name, 0, config)))
+        kind = pb.MODULE_KIND_BATCH_NORM_2D
+        args = (num_features, eps, momentum, affine, track_running_stats, freeze)
+        return BatchNorm2d(self, self._plain(name, kind, *args))
 
     def batch_norm_3d(
         self,
@@ -267,16 +253,9 @@ class Client:
         freeze: bool = False,
     ) -> BatchNorm3d:
         """Get or create the BatchNorm3d `name` ((N, C, D, H, W) input)."""
-        config = _config(
-            pb.MODULE_KIND_BATCH_NORM_3D,
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            freeze,
-        )
-        return BatchNorm3d(self, _info_from_pb(self._create(name, 0, config)))
+        kind = pb.MODULE_KIND_BATCH_NORM_3D
+        args = (num_features, eps, momentum, affine, track_running_stats, freeze)
+        return BatchNorm3d(self, self._plain(name, kind, *args))
 
     def sync_batch_norm(
         self,
@@ -371,6 +350,21 @@ class Client:
         self._with_retries(attempt, retry=True)
 
     # -- plumbing -----------------------------------------------------------
+
+    def _plain(
+        self,
+        name: str,
+        kind: pb.ModuleKind.ValueType,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        freeze: bool,
+    ) -> ModuleInfo:
+        """Get or create a BatchNorm1d/2d/3d of `kind`: the module's info."""
+        config = _config(kind, num_features, eps, momentum, affine, track_running_stats, freeze)
+        return _info_from_pb(self._create(name, 0, config))
 
     def _create(self, name: str, rank: int, config: pb.ModuleConfig) -> pb.ModuleInfo:
         request = pb.CreateModuleRequest(ref=pb.ModuleRef(name=name, rank=rank), config=config)

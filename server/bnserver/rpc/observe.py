@@ -206,20 +206,10 @@ class CallObserver(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> None:
         record.seconds = time.perf_counter() - record.start
         record.code = _final_code(context, raised)
-        if self.metrics is not None:
-            self.metrics.call(
-                record.method,
-                record.code,
-                record.seconds,
-                record.bytes_in,
-                record.bytes_out,
-                record.shm,
-            )
-        if access_log.isEnabledFor(level):
-            access_log.log(level, _line(record), extra={"call": record.fields()})
+        self._message(record, level)
 
     def _message(self, record: CallRecord, level: int) -> None:
-        """Log and count one message of a Session stream (its record is complete)."""
+        """Log and count one complete record: a call, or one message of a Session stream."""
         if self.metrics is not None:
             self.metrics.call(
                 record.method,
