@@ -624,6 +624,7 @@ class BatchNorm:
             if key == "running_var" and (vec < 0).any():
                 raise InvalidArgument("state entry 'running_var' has negative values")
             staged[key] = vec
+
         def change(record: Record) -> Record:
             record = replace(record, **staged)  # type: ignore[arg-type]
             if batches is not None:
@@ -667,7 +668,9 @@ class BatchNorm:
         record = BatchNorm.running_stats_reset(record)
         if record.weight is None:
             return record
-        return replace(record, weight=np.ones_like(record.weight), bias=np.zeros_like(record.weight))
+        return replace(
+            record, weight=np.ones_like(record.weight), bias=np.zeros_like(record.weight)
+        )
 
     @staticmethod
     def mode_set(training: bool) -> Callable[[Record], Record]:

@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -89,9 +89,7 @@ def encode_record(key: ModuleKey, record: Record) -> bytes:
         "num_batches_tracked": record.num_batches_tracked,
         "applied": [[rid, a.at, a.norm is not None] for rid, a in rows],
     }
-    arrays: dict[str, np.ndarray] = {
-        k: v.reshape(-1) for k, v in record.state_dict().items()
-    }
+    arrays: dict[str, np.ndarray] = {k: v.reshape(-1) for k, v in record.state_dict().items()}
     if stats:
         arrays["applied_count"] = np.array([n.count for n in stats], dtype=np.int64)
         arrays["applied_mean"] = np.stack([n.mean for n in stats])

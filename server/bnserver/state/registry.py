@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-
 from bnserver.core.config import ModuleConfig
 from bnserver.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from bnserver.state.batchnorm import DEDUP_WINDOW, BatchNorm, Record
