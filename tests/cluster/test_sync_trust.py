@@ -102,14 +102,7 @@ def test_every_topology_trains_identical_ranks(
         procs.append(start_server(tmp_path / "a", "--sync-timeout", TIMEOUT))
         addresses = [procs[0].address] * 2
     elif topology == "standalone-coordinator":
-        procs.append(start_coordinator("--sync-timeout", TIMEOUT))
-        for i in range(2):
-            procs.append(
-                start_server(
-                    tmp_path / f"s{i}", "--coordinator", procs[0].address, "--sync-timeout", TIMEOUT
-                )
-            )
-        addresses = [procs[1].address, procs[2].address]
+        addresses = _cluster(tmp_path, procs)
     else:
         procs.append(start_server(tmp_path / "a", "--sync-timeout", TIMEOUT))
         procs.append(

@@ -407,17 +407,20 @@ def _sums(x3: np.ndarray, center: Vector | None) -> tuple[Vector, Vector]:
         with _Scratch(np.dtype(np.float64), x3.size) as scratch:
             d = scratch[: x3.size].reshape(x3.shape)
             np.copyto(d, x3)
-            s1, s2 = _block_sums(d, _long_rows(x3.shape), blas=True)
-    else:
-        blocks = _split(x3.shape)
-        parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
-        c = None if center is None else center.reshape(-1, 1)
-        extent = _block_extent(blocks[0], x3.shape)
-        parts = _run(_sums_task(x3, c, not parallel, extent), blocks, parallel, ordered=True)
-        s1, s2 = parts[0]
-        for p1, p2 in parts[1:]:
-            s1 += p1
-            s2 += p2
+            return _fold([_block_sums(d, _long_rows(x3.shape), blas=True)])
+    blocks = _split(x3.shape)
+    parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
+    c = None if center is None else center.reshape(-1, 1)
+    extent = _block_extent(blocks[0], x3.shape)
+    return _fold(_run(_sums_task(x3, c, not parallel, extent), blocks, parallel, ordered=True))
+
+
+def _fold(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Vector, Vector]:
+    """Add the blocks' partial (s1, s2) sums in block order; (C, L) sums become (C,)."""
+    s1, s2 = parts[0]
+    for p1, p2 in parts[1:]:
+        s1 += p1
+        s2 += p2
     if s1.ndim == 2:
         s1, s2 = s1.sum(axis=1), s2.sum(axis=1)
     return s1, s2
@@ -717,13 +720,7 @@ def grad_sums(
     parallel = _parallel(x3.size, len(blocks), PARALLEL_MIN_STATS_ELEMENTS)
     extent = _block_extent(blocks[0], x3.shape)
     task = _grad_sums_task(x3, dy3, mean_v, not parallel, extent)
-    parts = _run(task, blocks, parallel, ordered=True)
-    s1, s2 = parts[0]
-    for p1, p2 in parts[1:]:
-        s1 += p1
-        s2 += p2
-    if s1.ndim == 2:
-        s1, s2 = s1.sum(axis=1), s2.sum(axis=1)
+    s1, s2 = _fold(_run(task, blocks, parallel, ordered=True))
     return s1, s2 * inv_std
 
 
